@@ -1,0 +1,13 @@
+"""fusepass: torch.fx passes that rewrite PyTorch inference graphs the way oneDNN wants.
+
+    compiled = torch.compile(model, backend="fusepass")   # no import needed
+    gm = fusepass.optimize(torch.fx.symbolic_trace(model), [x])
+    print(fusepass.explain(model, x))
+"""
+from fusepass import ops  # noqa: F401  (registers the fusepass:: ops)
+from fusepass.api import OptimizedGraphModule, explain, optimize
+from fusepass.options import OptionError, Options
+from fusepass.report import Decision, Report
+
+__all__ = ["optimize", "explain", "Options", "OptionError", "Report", "Decision",
+           "OptimizedGraphModule"]

@@ -1,0 +1,20 @@
+"""The ``fusepass`` torch.compile backend (entry point ``torch_dynamo_backends``).
+
+``torch.compile(m, backend="fusepass", options={...})`` finds this function through the
+entry point, so users need no ``import fusepass``. Dynamo hands over a torch-level graph
+with parameters lifted to placeholders and the real tensors among the inputs; the
+returned callable gets them again on every call, which makes the freshness check exact.
+"""
+from __future__ import annotations
+
+from fusepass.capture import lift_dynamo
+from fusepass.compiled import Compiled
+from fusepass.options import Options
+
+def fusepass_backend(gm, example_inputs, options=None, mode=None, **kwargs):
+    if mode not in (None, "default"):
+        kwargs["mode"] = mode
+    opts = Options.from_kwargs(options, **kwargs)  # bad options raise here, to the user
+    compiled = Compiled(lift_dynamo(gm, example_inputs), opts)
+    compiled.variant(list(example_inputs))  # compile now: compile time is the first call
+    return compiled

@@ -1,0 +1,184 @@
+"""Capture: from a torch-level FX graph to the one IR every pass sees.
+
+The only place that knows about spellings: dynamo's lifted parameters, ``nn.Module``
+calls of a symbolic_traced graph, ``F.relu`` vs ``relu_``, in-place ops, grad-mode
+switches inside the compiled function. Out comes a functional ATen graph with
+``meta["val"]`` on every node, where
+  * every convolution is ``fusepass::conv`` and every ``F.linear`` is ``fusepass::linear``
+    (empty post-op chain): one spelling for the patterns, and a kernel for lowering;
+  * weights (parameters and buffers) are ``get_attr`` constants when, and only when,
+    the graph is used for inference (``inference_reason``).
+Both entry points first *lift* their graph to ``fn(*args)`` whose leading or marked
+args are the weights, so the backend and ``optimize`` share everything after that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from fusepass import ops as fp
+
+aten = torch.ops.aten
+_LINEAR = {F.linear, torch._C._nn.linear}
+_GRAD_ON = {torch._C._set_grad_enabled}
+
+
+@dataclass
+class Lifted:
+    """A graph as a function of flat positional args; ``weights`` maps arg index -> name."""
+    fn: Callable
+    weights: dict  # int -> source name ("conv1.weight", "L['self']._modules[...]")
+    graph: fx.Graph | None  # the torch-level graph, for the grad-mode analysis
+
+
+def lift_dynamo(gm: fx.GraphModule, example_inputs) -> Lifted:
+    """Dynamo lifts parameters/buffers to placeholders; ``grapharg.source`` names them."""
+    weights = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
+        ga = n.meta.get("grapharg")
+        src = ga.source.name if ga is not None and hasattr(ga, "source") else ""
+        src = src() if callable(src) else src
+        if isinstance(ex, torch.nn.Parameter) or "._parameters[" in src or "._buffers[" in src:
+            weights[i] = src or n.name
+    return Lifted(gm, weights, gm.graph)
+
+
+def lift_module(gm: torch.nn.Module) -> tuple[Lifted, Callable[[], list]]:
+    """A module's parameters and buffers become the leading args; returns a getter of
+    their current tensors (re-read on every call, so replaced tensors are seen)."""
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    k = len(names)
+
+    def fn(*args):
+        return torch.func.functional_call(gm, dict(zip(names, args[:k])), tuple(args[k:]),
+                                          tie_weights=False, strict=False)
+
+    def current():
+        return [gm.get_parameter(n) if _is_param(gm, n) else gm.get_buffer(n) for n in names]
+
+    graph = gm.graph if isinstance(gm, fx.GraphModule) else None
+    return Lifted(fn, dict(enumerate(names)), graph), current
+
+
+def _is_param(m, name):
+    mod, _, leaf = name.rpartition(".")
+    return leaf in (m.get_submodule(mod) if mod else m)._parameters
+
+
+def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[bool, str]:
+    """(frozen?, why). Inference = no tensor that requires grad is used while grad is on.
+
+    Grad mode is followed through the graph, so ``torch.no_grad()`` entered *inside* the
+    compiled function counts (pytorch#125474)."""
+    needs_grad = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad}
+    if not needs_grad:
+        return True, "no input or parameter requires grad"
+    if not torch.is_grad_enabled():
+        return True, "grad is disabled"
+    if eval_mode:
+        return True, "module is in eval mode (optimize() is an inference request)"
+    if lifted.graph is None:
+        return False, "grad is enabled and parameters require grad"
+    placeholders = [n for n in lifted.graph.nodes if n.op == "placeholder"]
+    tainted = {placeholders[i] for i in needs_grad if i < len(placeholders)}
+    enabled = True
+    for n in lifted.graph.nodes:
+        if n.op == "call_function" and n.target in _GRAD_ON:
+            enabled = bool(n.args[0])
+        elif n.op == "call_function" and "inference_mode" in getattr(n.target, "__name__", ""):
+            enabled = "exit" in n.target.__name__
+        elif n.op not in ("placeholder", "output", "get_attr"):
+            if any(a in tainted for a in n.all_input_nodes):
+                if enabled:
+                    return False, (f"grad is enabled at {n.name} and it uses a tensor that "
+                                   "requires grad: nothing frozen or fused (use torch.no_grad())")
+    return True, "every use of a grad-requiring tensor runs under no_grad"
+
+
+class _Canonical(TorchFunctionMode):
+    """During capture, ``F.linear`` becomes one ``fusepass::linear`` node instead of
+    ATen's view/t/addmm decomposition."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEAR:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if w.dim() == 2 and x.dim() >= 1:
+                return fp.linear(x, w, b, None, [], [])
+        return func(*args, **kwargs)
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule  # ATen IR; placeholders = the non-weight args, in order
+    out_spec: Any  # pytree spec of the original output
+    user_idx: list  # arg positions that are placeholders of gm
+
+
+def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
+    spec = {}
+
+    def flat(*a):
+        with _Canonical():
+            out = lifted.fn(*a)
+        leaves, spec["out"] = pytree.tree_flatten(out)
+        return leaves
+
+    # Our own static fake mode, outside dynamo's tracing context: capture must not add
+    # symbols or guards to the shape env of the frame being compiled.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
+            for a in args]
+    with torch._guards.tracing(None), mode, (torch.no_grad() if freeze else torch.enable_grad()):
+        gm = make_fx(torch.func.functionalize(flat, remove="mutations"), tracing_mode="real")(*fake)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if freeze:
+        for i, name in lifted.weights.items():
+            _freeze(gm, placeholders[i], args[i], name, f"_fp_w{i}")
+    user_idx = [i for i in range(len(args)) if not (freeze and i in lifted.weights)]
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is aten.convolution.default:
+            with gm.graph.inserting_before(n):
+                c = gm.graph.call_function(fp.conv, (*n.args, None, [], []))
+            c.meta.update(n.meta)
+            n.replace_all_uses_with(c)
+            gm.graph.erase_node(n)
+    structured = _structured_output(gm, spec["out"])
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return Captured(gm, None if structured else spec["out"], user_idx)
+
+
+def _structured_output(gm, spec) -> bool:
+    """Give the graph the original output structure when FX can spell it (tuple, list,
+    dict); otherwise (dataclasses such as HF ModelOutput) the runtime unflattens."""
+    def builtin(s):
+        return s.type in (tuple, list, dict, None) and all(builtin(c) for c in s.children())
+    if not builtin(spec):
+        return False
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (pytree.tree_unflatten(list(out.args[0]), spec),)
+    return True
+
+
+def _freeze(gm, placeholder, tensor, name, attr):
+    gm.register_buffer(attr, tensor.detach(), persistent=False)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        g = gm.graph.get_attr(attr)
+    g.meta["val"] = placeholder.meta["val"]
+    g.meta["fusepass_source"] = name
+    placeholder.replace_all_uses_with(g)
+    gm.graph.erase_node(placeholder)

@@ -1,0 +1,136 @@
+"""The runtime of a compiled graph: one optimized variant per input signature, rebuilt
+when a weight it was folded from changes.
+
+Folded weights are derived data (DESIGN.md, "Freezing is explicit"): every call compares
+each source weight's ``(data_ptr, _version)`` with the snapshot the variants were built
+from; an in-place update or ``load_state_dict`` bumps the version, a replaced parameter
+changes the pointer, and either drops the variants (pytorch#104984). Shapes, strides and
+dtypes of the other inputs key the variants, so a graph optimized for batch 1 is rebuilt,
+never misused, for batch 8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from fusepass.capture import Lifted, capture, inference_reason
+from fusepass.options import Options
+from fusepass.pipeline import run_pipeline
+from fusepass.report import Report
+
+
+@dataclass
+class Variant:
+    run: Callable  # (full args) -> output in the original structure
+    report: Report
+    gm: Optional[fx.GraphModule] = None  # the optimized graph, when there is one
+    checked: bool = field(default=False)
+
+
+def _stamp(t):
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors have no version counter
+        return (t.data_ptr(), None)
+
+
+def signature(args, skip) -> tuple:
+    sig = []
+    for i, a in enumerate(args):
+        if i in skip:
+            continue
+        if isinstance(a, torch.Tensor):
+            sig.append((tuple(a.shape), tuple(a.stride()), a.dtype, a.device, a.requires_grad))
+        elif isinstance(a, (int, float, bool, str, type(None))):
+            sig.append((type(a), a))
+        else:
+            sig.append(type(a))
+    return tuple(sig)
+
+
+class Compiled:
+    def __init__(self, lifted: Lifted, options: Options, weights_getter=None, eval_mode=False):
+        self.lifted, self.options = lifted, options
+        self.weights_getter = weights_getter  # optimize(): weights are read from the module
+        self.eval_mode = eval_mode
+        self.variants: dict = {}
+        self.snapshot = None
+        self.history = Report()  # refolds and fallbacks across variants
+
+    def full_args(self, args) -> list:
+        return (self.weights_getter() + list(args)) if self.weights_getter else list(args)
+
+    def __call__(self, *args):
+        full = self.full_args(args)
+        return self.variant(full).run(full)
+
+    def variant(self, full) -> Variant:
+        stamp = tuple(_stamp(full[i]) for i in self.lifted.weights)
+        if stamp != self.snapshot:
+            if self.snapshot is not None:
+                self.history.record("runtime", "-", "-", "info",
+                                    "a source weight changed since folding: rebuilt")
+            self.variants.clear()
+            self.snapshot = stamp
+        key = signature(full, self.lifted.weights)
+        v = self.variants.get(key)
+        if v is None:
+            v = self.variants[key] = self.build(full)
+        return v
+
+    def unoptimized(self, report, reason, action="info") -> Variant:
+        report.record("capture", "-", "-", action, reason)
+        return Variant(lambda full: self.lifted.fn(*full), report)
+
+    def build(self, full) -> Variant:
+        report = Report()
+        frozen, why = inference_reason(self.lifted, full, self.eval_mode)
+        if not frozen:
+            return self.unoptimized(report, why)
+        report.record("capture", "-", "-", "info", f"weights frozen: {why}")
+        try:
+            cap = capture(self.lifted, full, freeze=True)
+            gm = run_pipeline(cap.gm, self.options, report)
+        except Exception as e:
+            return self.unoptimized(report, f"{type(e).__name__}: {e}; running unoptimized", "fallback")
+        gm.fusepass_report = report
+        idx, spec = cap.user_idx, cap.out_spec
+
+        def run(full):
+            out = gm(*[full[i] for i in idx])
+            return out if spec is None else pytree.tree_unflatten(out, spec)
+
+        v = Variant(run, report, gm)
+        if self.options.check:
+            v.run = self._checked(v, run)
+        return v
+
+    def _checked(self, v, run):
+        def first_call(full):
+            out = run(full)
+            with torch.no_grad():
+                ref = self.lifted.fn(*full)
+            compare_outputs(out, ref)
+            v.run = run
+            return out
+        return first_call
+
+
+def tolerance(dtype):
+    return {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2),
+            torch.float16: (1e-2, 1e-2)}.get(dtype, (1e-6, 1e-6))
+
+
+def compare_outputs(out, ref):
+    for i, (o, r) in enumerate(zip(pytree.tree_leaves(out), pytree.tree_leaves(ref))):
+        if isinstance(r, torch.Tensor) and r.is_floating_point():
+            rtol, atol = tolerance(r.dtype)
+            scale = max(r.abs().max().item(), 1.0) if r.numel() else 1.0
+            err = (o.float() - r.float()).abs().max().item() if r.numel() else 0.0
+            if err > atol * scale + rtol:
+                raise AssertionError(f"FUSEPASS_CHECK: output {i} differs from eager by {err:.3g} "
+                                     f"(scale {scale:.3g}, dtype {r.dtype})")

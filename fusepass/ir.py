@@ -1,0 +1,112 @@
+"""Helpers over the one IR (functional ATen + fusepass ops, ``meta["val"]`` everywhere).
+
+Small queries every pass needs: full positional arguments of an op node, the constant
+tensor behind a ``get_attr``, registering a new constant, and filling ``meta["val"]`` for
+nodes a pass creates (by running the op on the fake values of its inputs).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_map
+
+
+def full_args(node: fx.Node) -> list:
+    """args + kwargs + schema defaults as one positional list (OpOverload targets)."""
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return list(node.args)
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if i < len(node.args):
+            out.append(node.args[i])
+        elif a.name in node.kwargs:
+            out.append(node.kwargs[a.name])
+        elif a.has_default_value():
+            out.append(a.default_value)
+        else:
+            out.append(None)
+    return out
+
+
+def val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def is_constant(gm: fx.GraphModule, node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and isinstance(
+        getattr(gm, node.target, None), torch.Tensor)
+
+
+def constant(gm: fx.GraphModule, node) -> torch.Tensor:
+    return getattr(gm, node.target)
+
+
+def fake_mode_of(gm: fx.GraphModule):
+    return detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta])
+
+
+def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, before: fx.Node,
+                 source: str | None = None) -> fx.Node:
+    """Register `tensor` on gm under a fresh name and return a get_attr node for it."""
+    i = 0
+    while hasattr(gm, f"_fp_{hint}_{i}") or f"_fp_{hint}_{i}" in gm._buffers:
+        i += 1
+    name = f"_fp_{hint}_{i}"
+    gm.register_buffer(name, tensor, persistent=False)
+    with gm.graph.inserting_before(before):
+        n = gm.graph.get_attr(name)
+    mode = fake_mode_of(gm)
+    if mode is not None and tensor.layout == torch.strided:
+        n.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
+    if source:
+        n.meta["fusepass_source"] = source
+    return n
+
+
+def infer_meta(gm: fx.GraphModule, node: fx.Node):
+    """Fill node.meta["val"] by running its target on the fake values of its inputs."""
+    mode = fake_mode_of(gm)
+    if mode is None:
+        return
+
+    def to_val(a):
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    args = tree_map(to_val, node.args) if node.op == "call_function" else ()
+    kwargs = tree_map(to_val, node.kwargs)
+    if node.op == "get_attr":
+        node.meta["val"] = mode.from_tensor(getattr(gm, node.target), static_shapes=True)
+    elif node.op == "call_function":
+        with mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+
+
+def users_outside(node: fx.Node, inside: set) -> list:
+    return [u for u in node.users if u not in inside]
+
+
+def is_output_value(node: fx.Node) -> bool:
+    return any(u.op == "output" for u in node.users)
+
+
+def erase_dead(gm: fx.GraphModule, nodes):
+    """Erase the given nodes (and what becomes dead among them), last first."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in sorted((n for n in nodes if n in order), key=order.get, reverse=True):
+        if not n.users and n.op != "output":
+            gm.graph.erase_node(n)
+
+
+def delete_unused_attrs(gm: fx.GraphModule):
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [k for k in gm._buffers if k.startswith("_fp_")]:
+        if name not in used:
+            del gm._buffers[name]
+
+
+GETITEM = operator.getitem

@@ -1,0 +1,66 @@
+"""Lowering: fused ops -> kernels of a target, as a table per target.
+
+A target module exposes ``lower_node(gm, node) -> (kernel_name, new_node) | reason``.
+Whatever a target cannot take stays a fusepass op, whose kernel is the ATen reference
+(recorded as "kept" with the reason); a graph never fails to compile because one region
+is unsupported. ``reference`` expands every fusepass op into plain ATen.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from fusepass import ops as fp
+from fusepass.lowering import onednn, reference
+
+TARGETS = {"onednn": onednn, "reference": reference}
+
+
+def ipex_available() -> bool:
+    return importlib.util.find_spec("intel_extension_for_pytorch") is not None
+
+
+def resolve(lowering: str, report):
+    if lowering == "auto":
+        lowering = "ipex" if ipex_available() else "onednn"
+        report.record("lower", "-", "-", "info", f"lowering='auto' chose {lowering!r}")
+    if lowering == "ipex":
+        try:
+            from fusepass.lowering import ipex  # noqa: F401
+            TARGETS["ipex"] = ipex
+        except Exception as e:  # absent or broken IPEX: the onednn target, said so
+            report.record("lower", "-", "-", "fallback", f"ipex target unavailable ({e}); using onednn")
+            lowering = "onednn"
+    return TARGETS[lowering]
+
+
+def lower(gm, options, report):
+    target = resolve(options.lowering, report)
+    fallback = onednn if target.__name__.endswith("ipex") else None
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in fp.FUSED_OPS:
+            continue
+        name, text = node.name, _chain_text(node)
+        try:
+            out = target.lower_node(gm, node)
+            if isinstance(out, str) and fallback is not None:
+                reason = out
+                out = fallback.lower_node(gm, node)
+                if not isinstance(out, str):
+                    report.record("lower", out[0], name, "lowered", f"ipex: {reason}; onednn instead")
+                    continue
+        except Exception as e:
+            report.record("lower", "-", name, "error", f"{type(e).__name__}: {e}")
+            continue
+        if isinstance(out, str):
+            report.record("lower", "reference", name, "kept", out)
+        else:
+            report.record("lower", out[0], name, "lowered", text)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _chain_text(node):
+    _, post, scalars = fp.chain_of(node)
+    return "+".join(post) or "no post-op"

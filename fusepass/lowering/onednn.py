@@ -1,0 +1,109 @@
+"""The onednn target: stock PyTorch's oneDNN fused ops (``torch.ops.mkldnn.*``).
+
+The table maps the shape of a post-op chain to a kernel builder. What oneDNN takes here
+(measured on torch 2.13): fp32/bf16 only; unary attrs relu, sigmoid, tanh, swish,
+hardswish, hardsigmoid, leaky_relu(slope), hardtanh(min, max), gelu(none|tanh) — no elu;
+conv binary add/sub/mul/div optionally followed by relu; linear binary add/sub/mul with
+no unary after it; no transposed conv here.
+"""
+from __future__ import annotations
+
+import torch
+
+from fusepass import ops as fp
+from fusepass.ir import infer_meta, val
+
+mkldnn = torch.ops.mkldnn
+DTYPES = (torch.float32, torch.bfloat16)
+
+# post-op name -> (oneDNN attr, algorithm); scalars pass through unchanged
+UNARY = {
+    "relu": ("relu", None), "sigmoid": ("sigmoid", None), "tanh": ("tanh", None),
+    "silu": ("swish", None), "hardswish": ("hardswish", None),
+    "hardsigmoid": ("hardsigmoid", None), "leaky_relu": ("leaky_relu", None),
+    "hardtanh": ("hardtanh", None), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"),
+}
+CONV_BINARY = {"add", "sub", "mul", "div"}
+CONV_AFTER_BINARY = {"relu"}
+LINEAR_BINARY = {"add", "sub", "mul"}
+
+
+def _dtype_reason(node, x, w, b, other):
+    tensors = [t for t in (x, w, b, other) if t is not None]
+    vals = [val(t) for t in tensors]
+    if any(v is None for v in vals):
+        return "operand without meta['val']"
+    if vals[0].dtype not in DTYPES:
+        return f"no oneDNN kernel for dtype {vals[0].dtype}"
+    if any(v.dtype != vals[0].dtype for v in vals):
+        return "mixed dtypes: " + ", ".join(str(v.dtype) for v in vals)
+    if vals[0].device.type != "cpu":
+        return f"device {vals[0].device} is not a CPU"
+    return None
+
+
+def _same_shape(other, out_node):
+    o, y = val(other), val(out_node)
+    return o is not None and y is not None and tuple(o.shape) == tuple(y.shape)
+
+
+def _emit(gm, node, target, args):
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, tuple(args))
+    new.meta.update(node.meta)
+    try:
+        infer_meta(gm, new)
+    except Exception:
+        pass  # keep the fused op's meta: same values, strides may differ
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def lower_conv(gm, node):
+    (x, w, b, stride, padding, dilation, transposed, output_padding, groups,
+     other, post, scalars) = node.args
+    if transposed:
+        return "transposed convolution has no lowering in the onednn target"
+    reason = _dtype_reason(node, x, w, b, other)
+    if reason:
+        return reason
+    chain = list(post)
+    if not chain or (len(chain) == 1 and chain[0] in UNARY):
+        attr, alg = UNARY[chain[0]] if chain else ("none", None)
+        args = (x, w, b, padding, stride, dilation, groups, attr, list(scalars), alg)
+        return "mkldnn._convolution_pointwise", _emit(gm, node, mkldnn._convolution_pointwise.default, args)
+    if chain[0] in CONV_BINARY and (len(chain) == 1 or (len(chain) == 2 and chain[1] in CONV_AFTER_BINARY)):
+        if not _same_shape(other, node):
+            return "binary operand does not have the conv output's shape"
+        unary = chain[1] if len(chain) == 2 else None
+        args = (x, other, w, b, padding, stride, dilation, groups, chain[0], None, unary, [], None)
+        return "mkldnn._convolution_pointwise.binary", _emit(gm, node, mkldnn._convolution_pointwise.binary, args)
+    return f"no oneDNN conv kernel for post-op chain {chain}"
+
+
+def lower_linear(gm, node):
+    x, w, b, other, post, scalars = node.args
+    reason = _dtype_reason(node, x, w, b, other)
+    if reason:
+        return reason
+    if val(x).dim() < 2:
+        return "linear on a 1-d input"
+    chain = list(post)
+    if not chain or (len(chain) == 1 and chain[0] in UNARY):
+        attr, alg = UNARY[chain[0]] if chain else ("none", None)
+        args = (x, w, b, attr, list(scalars), alg)
+        return "mkldnn._linear_pointwise", _emit(gm, node, mkldnn._linear_pointwise.default, args)
+    if len(chain) == 1 and chain[0] in LINEAR_BINARY:
+        if not _same_shape(other, node):
+            return "binary operand does not have the linear output's shape"
+        args = (x, other, w, b, chain[0])
+        return "mkldnn._linear_pointwise.binary", _emit(gm, node, mkldnn._linear_pointwise.binary, args)
+    return f"no oneDNN linear kernel for post-op chain {chain}"
+
+
+TABLE = {fp.conv: lower_conv, fp.linear: lower_linear}
+
+
+def lower_node(gm, node):
+    return TABLE[node.target](gm, node)

@@ -1,0 +1,28 @@
+"""The reference target: every fusepass op expanded into the plain ATen it stands for.
+
+The oracle for tests, and what ``lowering="reference"`` produces.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from fusepass import ops as fp
+from fusepass.ir import infer_meta
+
+
+def expand(gm, node):
+    tracer = fx.proxy.GraphAppendingTracer(gm.graph)
+    args = [fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in node.args]
+    before = set(gm.graph.nodes)
+    with gm.graph.inserting_before(node):
+        out = fp.REFERENCE[node.target](*args).node
+    for n in gm.graph.nodes:
+        if n not in before:
+            infer_meta(gm, n)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return out
+
+
+def lower_node(gm, node):
+    return "aten." + expand(gm, node).target.__name__.split(".")[0], None

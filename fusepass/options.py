@@ -1,0 +1,63 @@
+"""User options, one frozen dataclass shared by optimize, explain and the backend.
+
+Unknown option names and unknown pass/pattern names in ``disable`` are errors that list
+the valid ones: the only errors fusepass raises to a user.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from dataclasses import dataclass, field
+
+LOWERINGS = ("onednn", "reference", "ipex", "auto")
+
+
+class OptionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Options:
+    # Kernel target for fused regions: "onednn" (stock torch.ops.mkldnn), "reference"
+    # (plain ATen), "ipex" (Intel Extension for PyTorch), "auto" (ipex if importable).
+    lowering: str = "onednn"
+    # Pass names ("fold_batchnorm") or pattern rows / globs ("conv2d.relu", "linear.*").
+    disable: frozenset = field(default_factory=frozenset)
+    # Run the reference graph beside the optimized one on first call; raise on divergence.
+    check: bool = field(default_factory=lambda: os.environ.get("FUSEPASS_CHECK", "0") == "1")
+
+    @classmethod
+    def from_kwargs(cls, options=None, **kwargs) -> "Options":
+        if isinstance(options, Options):
+            if kwargs:
+                options = dataclasses.replace(options, **kwargs)
+            return options
+        merged = {**(options or {}), **kwargs}
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(merged) - set(valid))
+        if unknown:
+            raise OptionError(f"unknown fusepass option(s) {unknown}; valid options: {valid}")
+        if "disable" in merged:
+            d = merged["disable"]
+            merged["disable"] = frozenset([d] if isinstance(d, str) else d)
+        opts = cls(**merged)
+        opts.validate()
+        return opts
+
+    def validate(self):
+        if self.lowering not in LOWERINGS:
+            raise OptionError(f"lowering={self.lowering!r}; valid: {list(LOWERINGS)}")
+        names = known_names()
+        for pat in self.disable:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise OptionError(f"disable={pat!r} names no pass or pattern; valid names: {sorted(names)}")
+
+    def enabled(self, name: str) -> bool:
+        return not any(fnmatch.fnmatchcase(name, pat) for pat in self.disable)
+
+
+def known_names() -> list[str]:
+    from fusepass.pipeline import PASS_NAMES
+    from fusepass.patterns import TABLE
+    return list(PASS_NAMES) + [r.name for r in TABLE.rows]

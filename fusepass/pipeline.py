@@ -1,0 +1,86 @@
+"""The pass pipeline: passes in DESIGN.md's order, then lowering.
+
+Each pass runs under a guard: an exception inside a pass undoes that pass (the graph is
+restored from a snapshot) and is recorded; the rest of the pipeline goes on. With
+``VERIFY`` on (the test suite's autouse fixture), every pass is followed by
+``graph.lint()`` and a fake-tensor re-propagation compared against ``meta["val"]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_manager import PassManager
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fusepass.lowering import lower
+from fusepass.passes.fuse import fuse
+
+PASSES = [
+    ("fuse", fuse),
+]
+PASS_NAMES = [name for name, _ in PASSES]
+VERIFY = False
+
+
+def _snapshot(gm) -> fx.Graph:
+    g = fx.Graph(owning_module=gm)
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    return g
+
+
+def _guarded(name, fn, options, report):
+    def run(gm):
+        snap = _snapshot(gm)
+        try:
+            result = fn(gm, options=options, report=report)
+        except Exception as e:
+            report.record(name, "-", "-", "error", f"{type(e).__name__}: {e} (pass undone)")
+            gm.graph = snap
+            gm.recompile()
+            return PassResult(gm, False)
+        if VERIFY:
+            verify(result.graph_module, name)
+        return result
+
+    run.__name__ = name
+    return run
+
+
+def run_pipeline(gm, options, report):
+    passes = [_guarded(n, f, options, report) for n, f in PASSES if options.enabled(n)]
+    if passes:
+        gm = PassManager(passes=passes)(gm).graph_module
+    return lower(gm, options, report)
+
+
+def verify(gm, after: str):
+    """lint + re-propagate fake tensors from the placeholders; compare with meta."""
+    gm.graph.lint()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    env = {}
+
+    def fresh(v):
+        return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v
+
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = tree_map(fresh, n.meta["val"])
+            continue
+        if n.op == "get_attr":
+            env[n] = fresh(getattr(gm, n.target))
+            continue
+        if n.op == "output":
+            continue
+        args = fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+        with mode:
+            out = n.target(*args, **kwargs)
+        env[n] = out
+        got, want = tree_flatten(out)[0], tree_flatten(n.meta.get("val"))[0]
+        for g, w in zip(got, want):
+            if isinstance(g, torch.Tensor) and (g.shape != w.shape or g.dtype != w.dtype):
+                raise AssertionError(f"after {after}: {n.name} meta {tuple(w.shape)}/{w.dtype} "
+                                     f"but propagates to {tuple(g.shape)}/{g.dtype}")

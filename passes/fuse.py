@@ -1,0 +1,20 @@
+"""Fuse eltwise/binary epilogues into conv/linear by applying the pattern table.
+
+The rows themselves live in ``fusepass.patterns``; this pass only selects the enabled
+rows (``Options.disable``) and runs the rewrite engine to a fixpoint.
+"""
+from __future__ import annotations
+
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fusepass.patterns import TABLE
+from fusepass.rewrite import apply_rules
+
+
+def fuse(gm, *, options, report) -> PassResult:
+    rules = [r for r in TABLE if options.enabled(r.name)]
+    changed = apply_rules(gm, rules, report, stage="fuse")
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, changed)

@@ -1,0 +1,12 @@
+"""The declarative pattern table (``TABLE``): every rewrite the fuse pass may make.
+
+Rows are added by the modules below, one per op family; a duplicate name is an error.
+Each row: pattern/replacement functions, a named pure guard, a one-line comment.
+"""
+from fusepass.patterns.table import Match, Rule, Table
+from fusepass.patterns import epilogues
+
+TABLE = Table()
+TABLE.extend(epilogues.ROWS)  # conv/linear(x) -> eltwise(y): fused post-op
+
+__all__ = ["TABLE", "Match", "Rule", "Table"]

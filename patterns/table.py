@@ -1,0 +1,64 @@
+"""The pattern table's data: a row (Rule), a match handed to guards (Match), the table.
+
+A row is a pattern function, a replacement function, a named guard and a one-line
+comment. Guards are pure: they read ``meta["val"]`` (via ``Match.val``), user counts and
+dtypes, and return a reason to decline or None. ``when`` is a silent filter for rows that
+share a structure but not a family (conv1d vs conv2d): a failed ``when`` is no candidate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+
+@dataclass
+class Match:
+    gm: Any  # fx.GraphModule
+    anchor: Any  # the graph node the pattern's output matched
+    nodes: list  # graph nodes matched by the pattern's op nodes (anchor included)
+    bindings: dict  # pattern placeholder name -> graph node or literal
+
+    def __getitem__(self, name):
+        return self.bindings[name]
+
+    def val(self, name):
+        b = self.bindings[name]
+        return b.meta.get("val") if hasattr(b, "meta") else b
+
+
+Guard = Callable[[Match], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str  # dotted: "conv2d.relu"
+    pattern: Callable
+    replacement: Callable
+    guard: Guard
+    comment: str  # one line: what the row does
+    when: Optional[Callable[[Match], bool]] = None
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[Rule] = []
+        self._names: set[str] = set()
+
+    def add(self, rule: Rule):
+        if rule.name in self._names:
+            raise ValueError(f"duplicate pattern name {rule.name!r}")
+        self._names.add(rule.name)
+        self.rows.append(rule)
+
+    def extend(self, rules):
+        for r in rules:
+            self.add(r)
+
+    def select(self, prefix: str) -> list[Rule]:
+        return [r for r in self.rows if r.name.startswith(prefix)]
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self):
+        return len(self.rows)
