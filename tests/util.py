@@ -1,0 +1,59 @@
+"""Helpers for tests: tolerances per dtype, op histograms, running the pipeline."""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from hypothesis import settings
+
+import fusepass
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float64: (1e-9, 1e-9),
+       torch.float16: (1e-2, 1e-2)}
+
+
+def examples(n: int) -> int:
+    """Scale an example count with the active hypothesis profile."""
+    scale = {"dev": 0.25, "ci": 1, "thorough": 10}.get(settings._current_profile, 1)
+    return max(2, int(n * scale))
+
+
+def assert_close(got, want, dtype=None, scale_by_output=True):
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        dtype_ = dtype or w.dtype
+        rtol, atol = TOL.get(dtype_, (1e-5, 1e-5))
+        scale = max(w.float().abs().max().item(), 1.0) if scale_by_output and w.numel() else 1.0
+        torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=atol * scale)
+
+
+def histogram(gm) -> Counter:
+    """Counter of call_function targets by short name: {"mkldnn._convolution_pointwise": 2}."""
+    c = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            c[short(n.target)] += 1
+    return c
+
+
+def short(target) -> str:
+    name = getattr(target, "_name", None) or getattr(target, "__name__", str(target))
+    ns, _, op = name.partition("::")
+    return f"{ns}.{op}" if op else name
+
+
+def optimize(fn, inputs, **opts):
+    """optimize an nn.Module or function via symbolic_trace, under no_grad."""
+    if not isinstance(fn, torch.nn.Module):
+        fn = _Wrap(fn)
+    gm = torch.fx.symbolic_trace(fn)
+    with torch.no_grad():
+        return fusepass.optimize(gm, list(inputs), **opts)
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
