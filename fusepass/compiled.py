@@ -79,7 +79,8 @@ class Compiled:
         key = signature(full, self.lifted.weights)
         v = self.variants.get(key)
         if v is None:
-            v = self.variants[key] = self.build(full)
+            with torch._guards.tracing(None):  # not inside dynamo's tracing context
+                v = self.variants[key] = self.build(full)
         return v
 
     def unoptimized(self, report, reason, action="info") -> Variant:

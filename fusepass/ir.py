@@ -10,7 +10,7 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_map
 
 
@@ -47,7 +47,12 @@ def constant(gm: fx.GraphModule, node) -> torch.Tensor:
 
 
 def fake_mode_of(gm: fx.GraphModule):
-    return detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta])
+    """The fake mode of the graph's own values (never an ambient tracing context's)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
 
 
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, before: fx.Node,

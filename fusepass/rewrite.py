@@ -117,14 +117,18 @@ def replace(m: Match, rule: Rule) -> fx.Node:
     args = [fx.Proxy(m.bindings[p], tracer) if isinstance(m.bindings[p], fx.Node)
             else m.bindings[p] for p in params]
     before = set(g.nodes)
-    with g.inserting_before(m.anchor):
-        out = rule.replacement(*args)
-    new_node = out.node if isinstance(out, fx.Proxy) else out
-    for n in g.nodes:
-        if n not in before:
-            n.meta.setdefault("stack_trace", m.anchor.meta.get("stack_trace"))
-            if "val" not in n.meta:
-                infer_meta(m.gm, n)
+    try:
+        with g.inserting_before(m.anchor):
+            out = rule.replacement(*args)
+        new_node = out.node if isinstance(out, fx.Proxy) else out
+        for n in g.nodes:
+            if n not in before:
+                n.meta.setdefault("stack_trace", m.anchor.meta.get("stack_trace"))
+                if "val" not in n.meta:
+                    infer_meta(m.gm, n)
+    except Exception:  # leave the graph as it was: remove what this attempt inserted
+        erase_dead(m.gm, [n for n in g.nodes if n not in before])
+        raise
     m.anchor.replace_all_uses_with(new_node)
     erase_dead(m.gm, m.nodes)
     return new_node

@@ -36,9 +36,15 @@ def histogram(gm) -> Counter:
 
 
 def short(target) -> str:
-    name = getattr(target, "_name", None) or getattr(target, "__name__", str(target))
-    ns, _, op = name.partition("::")
-    return f"{ns}.{op}" if op else name
+    """"aten.mul" (aten overloads dropped), "mkldnn._convolution_pointwise.binary"
+    (other namespaces keep a non-default overload), "fusepass.conv"."""
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return getattr(target, "__name__", str(target))
+    ns, _, op = schema.name.partition("::")
+    overload = schema.overload_name
+    keep = overload and overload != "default" and ns != "aten"
+    return f"{ns}.{op}" + (f".{overload}" if keep else "")
 
 
 def optimize(fn, inputs, **opts):

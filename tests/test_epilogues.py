@@ -1,0 +1,228 @@
+"""Every conv/linear epilogue row: matches once on its own example, the op histogram
+before/after is what the row says, numerics match eager (hypothesis), negatives decline."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusepass.patterns import TABLE
+from tests.util import assert_close, examples, histogram, optimize
+
+# spelling -> (eager function of y, the ATen op names it leaves in an unfused graph)
+EAGER = {
+    "relu": (F.relu, {"aten.relu"}),
+    "silu": (F.silu, {"aten.silu"}),
+    "silu_mul": (lambda y: y * torch.sigmoid(y), {"aten.mul", "aten.sigmoid"}),
+    "sigmoid": (torch.sigmoid, {"aten.sigmoid"}),
+    "tanh": (torch.tanh, {"aten.tanh"}),
+    "gelu": (lambda y: F.gelu(y, approximate="tanh"), {"aten.gelu"}),
+    "hardtanh": (F.relu6, {"aten.hardtanh"}),
+    "clamp": (lambda y: torch.clamp(y, -0.5, 0.75), {"aten.clamp"}),
+    "leaky_relu": (lambda y: F.leaky_relu(y, 0.2), {"aten.leaky_relu"}),
+    "elu": (lambda y: F.elu(y, 1.3), {"aten.elu"}),
+    "hardswish": (F.hardswish, {"aten.hardswish"}),
+    "hardsigmoid": (F.hardsigmoid, {"aten.hardsigmoid"}),
+}
+# post-ops the stock oneDNN kernels cannot take: fused, but kept on the reference kernel
+NO_ONEDNN = {"elu"}
+ROWS = [r for r in TABLE if r.name.split(".")[1] in EAGER]
+
+
+class Block(torch.nn.Module):
+    def __init__(self, family, spelling, cin=4, cout=6, groups=1, k=3, stride=1, padding=1,
+                 dilation=1, bias=True):
+        super().__init__()
+        if family == "linear":
+            self.op = torch.nn.Linear(cin, cout, bias=bias)
+        else:
+            conv = {"conv1d": torch.nn.Conv1d, "conv2d": torch.nn.Conv2d, "conv3d": torch.nn.Conv3d}[family]
+            self.op = conv(cin, cout, k, stride, padding, dilation, groups, bias)
+        self.post = EAGER[spelling][0]
+
+    def forward(self, x):
+        return self.post(self.op(x))
+
+
+def example(family, batch=2, cin=4, size=7):
+    shape = {"conv1d": (batch, cin, size), "conv2d": (batch, cin, size, size),
+             "conv3d": (batch, cin, 4, size, size), "linear": (batch, 5, cin)}[family]
+    return torch.randn(shape)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
+def test_row_matches_once_histogram_and_numerics(row):
+    family, spelling = row.name.split(".")
+    torch.manual_seed(0)
+    m = Block(family, spelling).eval()
+    x = example(family)
+    unfused = optimize(m, [x], disable=["fuse"])
+    gm = optimize(m, [x])
+    assert gm.fusepass_report.counts == {row.name: 1}
+    before, after = histogram(unfused), histogram(gm)
+    for op in EAGER[spelling][1]:
+        assert before[op] >= 1 and after[op] == 0, (op, before, after)
+    kernel = "mkldnn._linear_pointwise" if family == "linear" else "mkldnn._convolution_pointwise"
+    if spelling in NO_ONEDNN:
+        assert after["fusepass.conv"] == 1 and after[kernel] == 0
+        kept = gm.fusepass_report.where(stage="lower", action="kept")
+        assert kept and "no oneDNN conv kernel" in kept[0].reason
+    else:
+        assert after[kernel] == 1 and after[kernel] == before[kernel]
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
+
+
+@st.composite
+def conv_case(draw):
+    row = draw(st.sampled_from([r for r in ROWS if r.name.startswith("conv")]))
+    family, spelling = row.name.split(".")
+    groups = draw(st.sampled_from([1, 2, 4]))
+    depthwise = draw(st.booleans())
+    cin = 4 if not depthwise else 4
+    cout = draw(st.sampled_from([4, 8])) if not depthwise else 4
+    groups = 4 if depthwise else groups
+    k = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    batch = draw(st.integers(1, 3))
+    size = draw(st.integers(dilation * (k - 1) + 1, 9))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    channels_last = family != "conv1d" and draw(st.booleans())
+    bias = draw(st.booleans())
+    return family, spelling, dict(cin=cin, cout=cout, groups=groups, k=k, stride=stride,
+                                  padding=padding, dilation=dilation, bias=bias), batch, size, dtype, channels_last
+
+
+@settings(max_examples=examples(60))
+@given(conv_case(), st.integers(0, 2**16))
+def test_conv_rows_numerics_vs_eager(case, seed):
+    family, spelling, kw, batch, size, dtype, channels_last = case
+    torch.manual_seed(seed)
+    m = Block(family, spelling, **kw).eval().to(dtype)
+    x = example(family, batch, kw["cin"], size).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    gm = optimize(m, [x])
+    assert gm.fusepass_report.counts.get(f"{family}.{spelling}") == 1
+    with torch.no_grad():
+        want = m(x)
+        got = gm(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert_close(got, want, dtype)
+
+
+@settings(max_examples=examples(30))
+@given(st.sampled_from([r for r in ROWS if r.name.startswith("linear")]),
+       st.integers(1, 4), st.integers(1, 16), st.integers(1, 16), st.booleans(),
+       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
+def test_linear_rows_numerics_vs_eager(row, batch, cin, cout, bias, dtype, seed):
+    torch.manual_seed(seed)
+    spelling = row.name.split(".")[1]
+    m = Block("linear", spelling, cin=cin, cout=cout, bias=bias).eval().to(dtype)
+    x = torch.randn(batch, 3, cin).to(dtype)
+    gm = optimize(m, [x])
+    assert gm.fusepass_report.counts.get(row.name) == 1
+    with torch.no_grad():
+        assert_close(gm(x), m(x), dtype)
+
+
+# --- negative cases: the graph keeps its eltwise op, the report says why ---------------
+
+class TwoUsers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.relu(y) + y
+
+
+class ConvOutputIsOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, torch.sigmoid(y)
+
+
+@pytest.mark.parametrize("model,reason", [
+    (TwoUsers(), "has 2 users"),
+    (ConvOutputIsOutput(), "is a graph output"),
+])
+def test_intermediate_with_other_users_is_declined(model, reason):
+    x = torch.randn(1, 3, 8, 8)
+    gm = optimize(model.eval(), [x])
+    assert gm.fusepass_report.counts == {}
+    declined = gm.fusepass_report.declined
+    assert declined and all(reason in d.reason for d in declined), declined
+    with torch.no_grad():
+        assert_close(gm(x), model(x))
+
+
+def test_float64_is_declined_and_still_correct():
+    m = Block("conv2d", "relu").eval().double()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    gm = optimize(m, [x])
+    assert gm.fusepass_report.counts == {}
+    assert any("float64" in d.reason for d in gm.fusepass_report.declined)
+    assert histogram(gm)["aten.relu"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x))
+
+
+@pytest.mark.parametrize("fn,reason", [
+    (lambda y: torch.clamp(y, min=0.5), "clamp without both bounds"),
+    (lambda y: torch.clamp(y, 1.0, -1.0), "min <= max"),
+])
+def test_unsupported_post_op_parameters_are_declined(fn, reason):
+    m = Block("conv2d", "relu").eval()
+    m.post = fn
+    x = torch.randn(1, 4, 7, 7)
+    gm = optimize(m, [x])
+    assert gm.fusepass_report.counts == {}
+    assert any(reason in d.reason for d in gm.fusepass_report.declined), gm.fusepass_report
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
+
+
+def test_sigmoid_times_input_in_either_order_is_silu():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y = torch.sigmoid(y) * y
+            z = self.b(y)
+            return z * torch.sigmoid(z)
+
+    m, x = M().eval(), torch.randn(1, 3, 5, 5)
+    gm = optimize(m, [x])
+    assert gm.fusepass_report.counts == {"conv2d.silu_mul": 2}
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
+
+
+def test_sigmoid_of_a_different_tensor_is_not_silu():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y * torch.sigmoid(y + 1)
+
+    m, x = M().eval(), torch.randn(1, 3, 5, 5)
+    gm = optimize(m, [x])
+    assert "conv2d.silu_mul" not in gm.fusepass_report.counts
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
