@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fusepass import ops as fp
+from fusepass._compat import treespec_children
 
 aten = torch.ops.aten
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -165,7 +166,7 @@ def _structured_output(gm, spec) -> bool:
     """Give the graph the original output structure when FX can spell it (tuple, list,
     dict); otherwise (dataclasses such as HF ModelOutput) the runtime unflattens."""
     def builtin(s):
-        return s.type in (tuple, list, dict, None) and all(builtin(c) for c in s.children())
+        return s.type in (tuple, list, dict, None) and all(builtin(c) for c in treespec_children(s))
     if not builtin(spec):
         return False
     out = next(n for n in gm.graph.nodes if n.op == "output")
