@@ -4,9 +4,10 @@ Rows are added by the modules below, one per op family; a duplicate name is an e
 Each row: pattern/replacement functions, a named pure guard, a one-line comment.
 """
 from fusepass.patterns.table import Match, Rule, Table
-from fusepass.patterns import epilogues
+from fusepass.patterns import binary, epilogues
 
 TABLE = Table()
+TABLE.extend(binary.ROWS)  # conv/linear(x) (+) t -> fused binary post-op
 TABLE.extend(epilogues.ROWS)  # conv/linear(x) -> eltwise(y): fused post-op
 
 __all__ = ["TABLE", "Match", "Rule", "Table"]
