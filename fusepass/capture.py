@@ -150,11 +150,9 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
     user_idx = [i for i in range(len(args)) if not (freeze and i in lifted.weights)]
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target is aten.convolution.default:
-            with gm.graph.inserting_before(n):
-                c = gm.graph.call_function(fp.conv, (*n.args, None, [], []))
-            c.meta.update(n.meta)
-            n.replace_all_uses_with(c)
-            gm.graph.erase_node(n)
+            _swap(gm, n, fp.conv, (*n.args, None, [], []))
+        elif freeze and n.op == "call_function" and n.target in _MATMUL:
+            _canonical_matmul(gm, n)
     structured = _structured_output(gm, spec["out"])
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -172,6 +170,37 @@ def _structured_output(gm, spec) -> bool:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     out.args = (pytree.tree_unflatten(list(out.args[0]), spec),)
     return True
+
+
+def _swap(gm, n, target, args):
+    with gm.graph.inserting_before(n):
+        c = gm.graph.call_function(target, tuple(args))
+    c.meta.update(n.meta)
+    n.replace_all_uses_with(c)
+    gm.graph.erase_node(n)
+    return c
+
+
+_MATMUL = {aten.addmm.default, aten.mm.default}
+
+
+def _canonical_matmul(gm, n):
+    """``addmm(b, x, W)`` / ``mm(x, W)`` with a frozen 2-D ``W`` (GPT-2's Conv1D, hand
+    written ``x @ W + b``) is a linear with weight ``W.t()``: one spelling for patterns."""
+    if n.target is aten.addmm.default:
+        b, x, w = n.args[:3]
+        if n.kwargs.get("beta", 1) != 1 or n.kwargs.get("alpha", 1) != 1 or len(n.args) > 3:
+            return
+    else:
+        (x, w), b = n.args[:2], None
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr" and b.meta["val"].dim() == 1):
+        return
+    from fusepass.ir import add_constant
+    wt = add_constant(gm, getattr(gm, w.target).t().contiguous(), "wt", n,
+                      source=w.meta.get("fusepass_source"))
+    _swap(gm, n, fp.linear, (x, wt, b, None, [], []))
 
 
 def _freeze(gm, placeholder, tensor, name, attr):
