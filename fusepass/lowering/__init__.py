@@ -53,8 +53,9 @@ def lower(gm, options, report):
             continue
         if isinstance(out, str):
             report.record("lower", "reference", name, "kept", out)
-        else:
-            report.record("lower", out[0], name, "lowered", text)
+        else:  # a target may say why it chose a kernel form (in place or not, ...)
+            note = out[1].meta.get("fusepass_lowering_note") if out[1] is not None else None
+            report.record("lower", out[0], name, "lowered", f"{text}; {note}" if note else text)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

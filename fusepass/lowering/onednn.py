@@ -3,15 +3,18 @@
 The table maps the shape of a post-op chain to a kernel builder. What oneDNN takes here
 (measured on torch 2.13): fp32/bf16 only; unary attrs relu, sigmoid, tanh, swish,
 hardswish, hardsigmoid, leaky_relu(slope), hardtanh(min, max), gelu(none|tanh) — no elu;
-conv binary add/sub/mul/div optionally followed by relu; linear binary add/sub/mul with
-no unary after it; no transposed conv here.
+conv binary add/sub/mul/div optionally followed by relu (2-d/3-d convs only; in place
+into ``other`` for add only); linear binary add/sub/mul with no unary after it; no
+transposed conv here.
 """
 from __future__ import annotations
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
 from fusepass.ir import val
+from fusepass.lowering import inplace
 
 mkldnn = torch.ops.mkldnn
 DTYPES = (torch.float32, torch.bfloat16)
@@ -72,10 +75,56 @@ def lower_conv(gm, node):
     if chain[0] in CONV_BINARY and (len(chain) == 1 or (len(chain) == 2 and chain[1] in CONV_AFTER_BINARY)):
         if not _same_shape(other, node):
             return "binary operand does not have the conv output's shape"
-        unary = chain[1] if len(chain) == 2 else None
-        args = (x, other, w, b, padding, stride, dilation, groups, chain[0], None, unary, [], None)
-        return "mkldnn._convolution_pointwise.binary", _emit(gm, node, mkldnn._convolution_pointwise.binary, args)
+        return _lower_conv_binary(gm, node, chain)
     return f"no oneDNN conv kernel for post-op chain {chain}"
+
+
+def _suggests_channels_last(n) -> bool:
+    """``Tensor.suggest_memory_format()`` is channels-last (what the kernels test on x, w)."""
+    v = val(n)
+    return v is not None and v.dim() in (4, 5) and suggest_memory_format(v) in (
+        torch.channels_last, torch.channels_last_3d)
+
+
+def _channels_last_contiguous(n) -> bool:
+    """``is_contiguous(ChannelsLast[3d])`` (what the in-place kernel tests on other)."""
+    v = val(n)
+    return v is not None and v.dim() in (4, 5) and v.is_contiguous(
+        memory_format=torch.channels_last if v.dim() == 4 else torch.channels_last_3d)
+
+
+def _lower_conv_binary(gm, node, chain):
+    """Out-of-place ``_convolution_pointwise.binary`` or, when ``other`` is dead after the
+    op (``inplace.why_not_inplace``) and the op is an add, oneDNN's sum post-op in place
+    (``_convolution_pointwise_.binary`` writes into ``other``). Measured on torch 2.13:
+    both take 2-d/3-d convs only; their fused path needs channels-last input or weight
+    (out-of-place also groups == 1; in-place also a channels-last ``other``), otherwise
+    they fall back to conv + ``add_relu_``, which has no bf16 kernel (internal assert)."""
+    x, w, b, stride, padding, dilation, _, _, groups, other = node.args[:10]
+    if val(x).dim() not in (4, 5):
+        return "oneDNN's binary conv kernels take 2-d and 3-d convolutions only"
+    binop, unary = chain[0], (chain[1] if len(chain) == 2 else None)
+    bf16_add_relu = val(x).dtype == torch.bfloat16 and chain == ["add", "relu"]
+    fused_path = _suggests_channels_last(x) or _suggests_channels_last(w)
+    why_not = (f"out-of-place: only add accumulates in place, not {binop}" if binop != "add"
+               else inplace.why_not_inplace(node, other))
+    if why_not is None and bf16_add_relu and not (fused_path and _channels_last_contiguous(other)):
+        why_not = "out-of-place: bf16 add+relu in place needs channels-last input and other"
+    if why_not is None:
+        args = (other, x, w, b, padding, stride, dilation, groups, "add", None, unary, [], None)
+        new = _emit(gm, node, mkldnn._convolution_pointwise_.binary, args)
+        new.meta["fusepass_lowering_note"] = (
+            f"in place into {other.name} (dead after the op; no input, output, constant "
+            "or alias of anything live)")
+        return "mkldnn._convolution_pointwise_.binary", new
+    if bf16_add_relu and not (fused_path and groups == 1):
+        return ("bf16 add+relu on a non-channels-last or grouped conv: oneDNN falls back "
+                "to add_relu_, which has no bf16 kernel")
+    args = (x, other, w, b, padding, stride, dilation, groups, binop, None, unary, [], None)
+    new = _emit(gm, node, mkldnn._convolution_pointwise.binary, args)
+    new.meta["fusepass_lowering_note"] = why_not if why_not.startswith("out-of-place") else (
+        f"out-of-place: {why_not}")
+    return "mkldnn._convolution_pointwise.binary", new
 
 
 def lower_linear(gm, node):
