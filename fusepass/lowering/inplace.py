@@ -79,8 +79,9 @@ def _same_layout(a, b) -> bool:
     return all(sa == sb for sa, sb, d in zip(a.stride(), b.stride(), a.shape) if d > 1)
 
 
-def why_not_inplace(node: fx.Node, other) -> Optional[str]:
-    """None when ``node`` may write its result into ``other``; else the reason."""
+def why_not_inplace(node: fx.Node, other, reads=()) -> Optional[str]:
+    """None when ``node`` may write its result into ``other``; else the reason.
+    ``reads``: the op's other operands (input, weight, bias), which must not alias it."""
     if not isinstance(other, fx.Node):
         return "other is not a tensor of this graph"
     if other.op == "placeholder":
@@ -100,8 +101,10 @@ def why_not_inplace(node: fx.Node, other) -> Optional[str]:
             if u is not node and u > node:
                 return f"{alias(m)} is read again after the op (by {u.name})"
     members = set(cls)
-    for a in node.all_input_nodes:
-        if a is not other and a in members:
+    for a in reads:
+        if a is other:
+            return "other is also an operand the op reads"
+        if isinstance(a, fx.Node) and a in members:
             return f"other aliases {a.name}, which the op reads"
     o, y = other.meta.get("val"), node.meta.get("val")
     if o is None or y is None:

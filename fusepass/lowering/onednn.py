@@ -107,7 +107,7 @@ def _lower_conv_binary(gm, node, chain):
     bf16_add_relu = val(x).dtype == torch.bfloat16 and chain == ["add", "relu"]
     fused_path = _suggests_channels_last(x) or _suggests_channels_last(w)
     why_not = (f"out-of-place: only add accumulates in place, not {binop}" if binop != "add"
-               else inplace.why_not_inplace(node, other))
+               else inplace.why_not_inplace(node, other, reads=(x, w, b)))
     if why_not is None and bf16_add_relu and not (fused_path and _channels_last_contiguous(other)):
         why_not = "out-of-place: bf16 add+relu in place needs channels-last input and other"
     if why_not is None:
