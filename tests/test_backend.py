@@ -22,6 +22,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+# the block's fusions: GELU into fc1, the residual x + fc2(.) into fc2 (binary post-op)
+MLP_COUNTS = {"linear.gelu": 1, "linear.add": 1}
+
+
 class MLPBlock(torch.nn.Module):
     """A transformer MLP block: LN -> Linear -> GELU -> Linear, residual."""
 
@@ -57,8 +61,8 @@ def test_transformer_mlp_block_through_the_backend(approximate):
         got = torch.compile(m, backend="fusepass")(x)
     assert_close(got, m(x))
     rep = fusepass.explain(m, x)
-    assert rep.counts == {"linear.gelu": 1}
-    assert rep.kernels == {"mkldnn._linear_pointwise": 2}
+    assert rep.counts == MLP_COUNTS
+    assert rep.kernels == {"mkldnn._linear_pointwise": 1, "mkldnn._linear_pointwise.binary": 1}
 
 
 def test_no_grad_inside_the_compiled_function_is_seen():
@@ -117,7 +121,8 @@ def test_optimize_returns_a_runnable_graph_module_with_report():
     x = torch.randn(2, 7, 32)
     gm = optimize(m, [x])
     assert isinstance(gm, torch.fx.GraphModule)
-    assert histogram(gm)["mkldnn._linear_pointwise"] == 2
+    h = histogram(gm)
+    assert h["mkldnn._linear_pointwise"] == 1 and h["mkldnn._linear_pointwise.binary"] == 1
     with torch.no_grad():
         assert_close(gm(x), m(x))
         x2 = torch.randn(5, 3, 32)  # another signature: another variant, still right
@@ -133,7 +138,7 @@ def test_report_table_and_counts():
     assert isinstance(rep, fusepass.Report)
     lines = str(rep).splitlines()
     assert lines[0].split()[:5] == ["stage", "rule", "node", "action", "reason"]
-    assert rep.counts == {"linear.gelu": 1}
+    assert rep.counts == MLP_COUNTS
 
 
 # --- options ---------------------------------------------------------------------------
@@ -158,7 +163,7 @@ def test_disable_a_pattern_or_a_pass_by_name():
     torch.manual_seed(0)
     m = MLPBlock().eval()
     x = torch.randn(2, 7, 32)
-    assert optimize(m, [x], disable=["linear.gelu"]).fusepass_report.counts == {}
+    assert optimize(m, [x], disable=["linear.gelu"]).fusepass_report.counts == {"linear.add": 1}
     assert optimize(m, [x], disable="linear.*").fusepass_report.counts == {}
     assert optimize(m, [x], disable=["fuse"]).fusepass_report.counts == {}
     with torch.no_grad():
@@ -213,7 +218,7 @@ def test_an_exception_in_a_pass_is_contained(monkeypatch):
     gm = optimize(m, [x])
     errors = gm.fusepass_report.where(action="error")
     assert errors and "boom" in errors[0].reason
-    assert gm.fusepass_report.counts == {"linear.gelu": 1}
+    assert gm.fusepass_report.counts == MLP_COUNTS
     with torch.no_grad():
         assert_close(gm(x), m(x))
 
