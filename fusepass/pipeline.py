@@ -15,9 +15,13 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fusepass.lowering import lower
+from fusepass.passes.fold_batchnorm import fold_batchnorm
+from fusepass.passes.fold_binary_constants import fold_binary_constants
 from fusepass.passes.fuse import fuse
 
 PASSES = [
+    ("fold_batchnorm", fold_batchnorm),
+    ("fold_binary_constants", fold_binary_constants),
     ("fuse", fuse),
 ]
 PASS_NAMES = [name for name, _ in PASSES]

@@ -12,7 +12,8 @@ from fusepass.rewrite import apply_rules
 
 
 def fuse(gm, *, options, report) -> PassResult:
-    rules = [r for r in TABLE if options.enabled(r.name)]
+    # "fold.*" rows belong to the fold passes, which run before this one.
+    rules = [r for r in TABLE if options.enabled(r.name) and not r.name.startswith("fold.")]
     changed = apply_rules(gm, rules, report, stage="fuse")
     if changed:
         gm.graph.lint()

@@ -5,9 +5,11 @@ Each row: pattern/replacement functions, a named pure guard, a one-line comment.
 """
 from fusepass.patterns.table import Match, Rule, Table
 from fusepass.patterns import binary, epilogues
+from fusepass.patterns import folding
 
 TABLE = Table()
 TABLE.extend(binary.ROWS)  # conv/linear(x) (+) t -> fused binary post-op
 TABLE.extend(epilogues.ROWS)  # conv/linear(x) -> eltwise(y): fused post-op
+TABLE.extend(folding.ROWS)  # conv/linear(x) then BN or (+-*/ constant) -> folded W, b (fold passes)
 
 __all__ = ["TABLE", "Match", "Rule", "Table"]

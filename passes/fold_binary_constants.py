@@ -1,0 +1,20 @@
+"""Fold add/sub/mul/div by a per-channel constant into the preceding conv/linear.
+
+``conv -> *2 -> +1 -> /3`` becomes one conv: each op is an affine map of the output
+channels (``a*y + d``) absorbed as ``W' = a*W``, ``b' = a*b + d`` (float64, cast back
+once), applied to a fixpoint. A constant is a Python number, a 0-d tensor or a frozen
+tensor that varies only along the output-channel dim. The rows are the ``fold.const.*``
+rows of ``patterns/folding.py``; each decline (non-channel broadcast, enlarged output,
+dtype promotion, shared output, integer result, non-finite constant, division by zero,
+``c / y``) is reported with its reason. New weights are new constants
+(``fusepass.constfold``), so a parameter shared with another node is left as it was.
+"""
+from __future__ import annotations
+
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fusepass.constfold import run_fold_rows
+
+
+def fold_binary_constants(gm, *, options, report) -> PassResult:
+    return run_fold_rows(gm, "fold.const.", "fold_binary_constants", options, report)
