@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.fusepass-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow"
+
+sweep: $(STAMP)  # the real-model sweep with larger configs
+	FUSEPASS_SWEEP=large $(BIN)/python -m pytest -q tests/test_sweep.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
