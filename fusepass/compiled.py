@@ -2,17 +2,25 @@
 when a weight it was folded from changes.
 
 Folded weights are derived data (DESIGN.md, "Freezing is explicit"): every call compares
-each source weight's ``(data_ptr, _version)`` with the snapshot the variants were built
-from; an in-place update or ``load_state_dict`` bumps the version, a replaced parameter
-changes the pointer, and either drops the variants (pytorch#104984). Shapes, strides and
-dtypes of the other inputs key the variants, so a graph optimized for batch 1 is rebuilt,
-never misused, for batch 8.
+each source weight with the snapshot the variants were built from (pytorch#104984):
+  * the tensor object itself (the snapshot holds it, so neither its id nor its memory
+    can be reused by a replacement while we compare against it): a replaced parameter,
+    ``load_state_dict(assign=True)``;
+  * ``(data_ptr, _version)``: in-place updates, ``load_state_dict``, ``p.data = t``;
+  * the values of BatchNorm running statistics: ``native_batch_norm`` updates them in a
+    training-mode step without bumping their version counter (its schema does not declare
+    the write), and they are small, so they are compared by value.
+Any difference drops the variants. Writes through ``p.data`` (a tensor with its own
+version counter) and to inference tensors (no version counter) remain invisible.
+Shapes, strides and dtypes of the other inputs key the variants, so a graph optimized
+for batch 1 is rebuilt, never misused, for batch 8.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
@@ -38,6 +46,23 @@ def _stamp(t):
         return (t.data_ptr(), None)
 
 
+_BN = {torch.ops.aten.native_batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
+       torch.ops.aten._native_batch_norm_legit_no_training.default,
+       torch.ops.aten._native_batch_norm_legit_functional.default}
+
+
+def bn_statistics(gm: fx.GraphModule, weights: dict) -> list:
+    """Arg indices of the weights a captured graph uses as BatchNorm running stats."""
+    names = {a.meta.get("fusepass_source") for n in gm.graph.nodes if n.target in _BN
+             for a in n.args[3:5] if isinstance(a, fx.Node)}
+    return [i for i, name in weights.items() if name in names]
+
+
+def _bits(tensors):
+    flat = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])
+    return flat.detach().view(torch.uint8).numpy()
+
+
 def signature(args, skip) -> tuple:
     sig = []
     for i, a in enumerate(args):
@@ -58,7 +83,9 @@ class Compiled:
         self.weights_getter = weights_getter  # optimize(): weights are read from the module
         self.eval_mode = eval_mode
         self.variants: dict = {}
-        self.snapshot = None
+        self.snapshot = None  # (source weight tensors, their (data_ptr, _version))
+        self.watched: dict = {}
+        self._flat = None
         self.history = Report()  # refolds and fallbacks across variants
 
     def full_args(self, args) -> list:
@@ -68,14 +95,33 @@ class Compiled:
         full = self.full_args(args)
         return self.variant(full).run(full)
 
+    def fresh(self, full) -> bool:
+        """Are the source weights the ones the variants were built from?"""
+        if self.snapshot is None:
+            return False
+        tensors, stamps = self.snapshot
+        for i, t, s in zip(self.lifted.weights, tensors, stamps):
+            if full[i] is not t or _stamp(t) != s:
+                return False
+        return self._stats_unchanged(full)
+
+    def _stats_unchanged(self, full) -> bool:
+        """Bitwise, in one compare per call (numpy's: torch.equal is slow on CPU here)."""
+        if not self.watched:
+            return True
+        if self._flat is None:
+            self._flat = _bits([v for v in self.watched.values()])
+        return np.array_equal(_bits([full[i] for i in self.watched]), self._flat)
+
     def variant(self, full) -> Variant:
-        stamp = tuple(_stamp(full[i]) for i in self.lifted.weights)
-        if stamp != self.snapshot:
+        if not self.fresh(full):
             if self.snapshot is not None:
                 self.history.record("runtime", "-", "-", "info",
                                     "a source weight changed since folding: rebuilt")
             self.variants.clear()
-            self.snapshot = stamp
+            self.watched, self._flat = {}, None  # arg index -> BN running stat when built
+            weights = [full[i] for i in self.lifted.weights]
+            self.snapshot = (tuple(weights), tuple(_stamp(t) for t in weights))
         key = signature(full, self.lifted.weights)
         v = self.variants.get(key)
         if v is None:
@@ -95,6 +141,9 @@ class Compiled:
         report.record("capture", "-", "-", "info", f"weights frozen: {why}")
         try:
             cap = capture(self.lifted, full, freeze=True)
+            for i in bn_statistics(cap.gm, self.lifted.weights):
+                if i not in self.watched:
+                    self.watched[i], self._flat = full[i].detach().clone(), None
             gm = run_pipeline(cap.gm, self.options, report)
         except Exception as e:
             return self.unoptimized(report, f"{type(e).__name__}: {e}; running unoptimized", "fallback")
