@@ -1,0 +1,305 @@
+"""The ipex target: Intel Extension for PyTorch's prepacked fused kernels (``ipex_prepack::*``).
+
+Why: users pinned to torch 2.8 + IPEX 2.8 (IPEX's last CPU release; the project is
+archived upstream) want fusepass's graphs to run on IPEX's kernels. Importing this module
+imports IPEX; when that fails, ``fusepass.lowering.resolve`` reports it and uses onednn.
+Whatever this table declines (a reason string) is offered to the onednn target, and the
+report says so.
+
+Each fused op becomes one ``*_run`` call on an op context prepacked at compile time from
+the frozen weight constant (``convolution_prepack``, ``conv_transpose_prepack``,
+``linear_prepack``), registered on the GraphModule as ``_fp_ipex_ctx_<i>`` and shared by
+every op that uses the same weight, bias and conv parameters. The context holds its own
+blocked copy of the weight, so the plain weight constant is dropped from the module once
+nothing reads it.
+
+Kernel facts this table relies on (IPEX 2.8.0 on torch 2.8.0, measured with
+``scripts/ipex_probe.py`` and docs/ipex_kernels.md; re-check before adding a row):
+* the ``_run`` op picks the post-op and its scalars; one plain context per weight serves
+  every chain. The weight's dtype is the compute dtype: fp32 and bf16 only.
+* ``elu`` ignores ``scale`` and ``input_scale``: lowered only when both are 1 (no SELU).
+* ``*_add_run`` / ``*_add_relu_run`` / ``convolution_swish_add_run`` compute
+  ``post(y + alpha*accumu)`` (swish *before* the add) and write into ``accumu`` when its
+  layout is the output's (else return a fresh tensor); ``accumu`` must have the full
+  output shape (a broadcast one fails at run time). ``other`` is therefore passed only
+  when ``fusepass.lowering.inplace`` proves it dead and unaliased; otherwise a clone in
+  the output's layout is.
+* ``linear_mul_run`` gives garbage (no error) for a broadcast operand: full shape only.
+* ``conv_transpose_add_run`` / ``_add_relu_run`` give wrong results: transposed convs
+  take unary chains only. conv1d returns an (N, L, C)-strided output and is deprecated
+  in IPEX 2.9: declined (onednn takes it).
+* Output layout follows ATen's rule (channels-last if the input or weight suggests it);
+  a fused op whose result is laid out otherwise is declined.
+* These are TorchScript-only operators, not in the dispatcher: they have no fake kernel,
+  and calling them on FakeTensors segfaults. Never fake-propagate a lowered IPEX graph;
+  new nodes copy ``meta["val"]`` from the fused op instead.
+"""
+from __future__ import annotations
+
+import math
+
+import intel_extension_for_pytorch  # noqa: F401  (registers torch.ops.ipex_prepack.*)
+import torch
+from torch._prims_common import suggest_memory_format
+
+from fusepass import ops as fp
+from fusepass.ir import constant, infer_meta, is_constant, val
+from fusepass.lowering import inplace
+
+P = torch.ops.ipex_prepack
+aten = torch.ops.aten
+DTYPES = (torch.float32, torch.bfloat16)
+CTX_PREFIX = "_fp_ipex_ctx_"
+
+
+def _elu(s):
+    alpha, scale, input_scale = s
+    if scale != 1.0 or input_scale != 1.0:
+        return (f"IPEX's elu ignores scale and input_scale (measured): elu(alpha={alpha}, "
+                f"scale={scale}, input_scale={input_scale}) would be computed as elu(alpha)")
+    return [alpha, 1.0, 1.0]
+
+
+# post-op -> (run-op infix, the run op's scalars from the chain's, or a reason)
+UNARY = {
+    "relu": ("relu", list), "sigmoid": ("sigmoid", list), "tanh": ("tanh", list),
+    "silu": ("swish", list), "hardswish": ("hardswish", list),
+    "hardsigmoid": ("hardsigmoid", list),
+    "gelu": ("gelu", lambda s: ["none"]), "gelu_tanh": ("gelu", lambda s: ["tanh"]),
+    "hardtanh": ("hardtanh", list),  # min, max
+    "leaky_relu": ("leaky_relu", list),  # negative_slope
+    "elu": ("elu", _elu),  # alpha, 1, 1 only
+}
+# chain -> (run-op infix, alpha) of the accumulating runs: post(y + alpha * accumu)
+ACCUMULATE = {
+    ("add",): ("add", 1.0),  # y + other
+    ("sub",): ("add", -1.0),  # y - other
+    ("add", "relu"): ("add_relu", 1.0),  # relu(y + other)
+    ("sub", "relu"): ("add_relu", -1.0),  # relu(y - other)
+}
+CONV_ACCUMULATE = {
+    **ACCUMULATE,
+    ("silu", "add"): ("swish_add", 1.0),  # silu(y) + other
+    ("silu", "sub"): ("swish_add", -1.0),  # silu(y) - other
+}
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _operand_reason(gm, x, w, b, other):
+    if not is_constant(gm, w):
+        return "weight is not a frozen constant (IPEX prepacks it at compile time)"
+    if b is not None and not is_constant(gm, b):
+        return "bias is not a frozen constant (IPEX prepacks it with the weight)"
+    vals = [val(t) for t in (x, w, b, other) if t is not None]
+    if any(v is None for v in vals):
+        return "operand without meta['val']"
+    if vals[0].dtype not in DTYPES:
+        return f"no IPEX kernel for dtype {vals[0].dtype}"
+    if any(v.dtype != vals[0].dtype for v in vals):
+        return "mixed dtypes: " + ", ".join(str(v.dtype) for v in vals)
+    if any(v.device.type != "cpu" for v in vals):
+        return "an operand is not on the CPU"
+    return None
+
+
+def _full_shape_reason(other, node, kind):
+    o, y = val(other), val(node)
+    if o is None or tuple(o.shape) != tuple(y.shape):
+        shape = None if o is None else list(o.shape)
+        return (f"IPEX's {kind} needs other with the output's full shape {list(y.shape)}, "
+                f"got {shape} (no broadcast)")
+    return None
+
+
+def _conv_format(x, w, y):
+    """The memory format IPEX's conv writes: channels-last when x or w suggests it."""
+    if y.dim() not in (4, 5):
+        return torch.contiguous_format
+    cl = torch.channels_last if y.dim() == 4 else torch.channels_last_3d
+    return cl if cl in (suggest_memory_format(val(x)), suggest_memory_format(val(w))) \
+        else torch.contiguous_format
+
+
+def _layout_reason(y, fmt):
+    if y.is_contiguous(memory_format=fmt):
+        return None
+    return (f"the fused op's result has strides {tuple(y.stride())}, IPEX's kernel would "
+            f"write {str(fmt).replace('torch.', '')}")
+
+
+def _why_not_inplace(node, other, reads):
+    return inplace.why_not_inplace(node, other, reads=reads)
+
+
+# ----------------------------------------------------------------------------- contexts
+
+def _key(t):
+    return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _context(gm, kind, w, b, params, build):
+    """(get_attr node to create, or reuse, for the context), computed before any mutation."""
+    wt = constant(gm, w)
+    bt = constant(gm, b) if b is not None else None
+    key = (kind, _key(wt), _key(bt), repr(params))
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.meta.get("fusepass_ipex_key") == key:
+            return n, None
+    return None, (key, build(wt, bt))
+
+
+def _attach(gm, node, found, fresh):
+    if found is not None:
+        return found
+    key, ctx = fresh
+    i = 0
+    while hasattr(gm, f"{CTX_PREFIX}{i}"):
+        i += 1
+    name = f"{CTX_PREFIX}{i}"
+    setattr(gm, name, ctx)
+    with gm.graph.inserting_before(node):
+        n = gm.graph.get_attr(name)
+    n.meta["fusepass_ipex_key"] = key
+    return n
+
+
+def _drop_if_unused(gm, n):
+    """The context holds its own copy of the weight: forget the plain constant."""
+    if n is None or n.users:
+        return
+    target = n.target
+    gm.graph.erase_node(n)
+    if target.startswith("_fp_") and not any(
+            m.op == "get_attr" and m.target == target for m in gm.graph.nodes):
+        gm._buffers.pop(target, None)
+
+
+# ----------------------------------------------------------------------------- emitting
+
+def _emit(gm, node, target, args, kwargs=None, note=None):
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, tuple(args), kwargs or {})
+    new.meta.update(node.meta)  # same value and layout as the fused op (no fake kernel here)
+    if note:
+        new.meta["fusepass_lowering_note"] = note
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _accumu(gm, node, other, reads, fmt):
+    """``other`` itself when it is dead after the op, else a clone in the output's layout."""
+    why = _why_not_inplace(node, other, reads)
+    if why is None:
+        return other, (f"accumulates in place into {other.name} (dead after the op; no input, "
+                       "output, constant or alias of anything live)")
+    with gm.graph.inserting_before(node):
+        c = gm.graph.call_function(aten.clone.default, (other,), {"memory_format": fmt})
+    infer_meta(gm, c)
+    return c, f"accumulates into a clone of {other.name}: {why}"
+
+
+def _run(name):
+    return getattr(P, name).default
+
+
+def _lower(gm, node, kind, x, w, b, other, chain, scalars, fmt, params, build, accumulate,
+           mul_ok=False):
+    """Shared by conv and linear: choose the run op for the chain, then mutate."""
+    prefix = {"conv": "convolution", "conv_transpose": "conv_transpose", "linear": "linear"}[kind]
+    text = kind.replace("_", " ")
+    key = tuple(chain)
+    if not chain or (len(chain) == 1 and chain[0] in UNARY):
+        infix, to_scalars = UNARY[chain[0]] if chain else (None, list)
+        run_scalars = to_scalars(list(scalars))
+        if isinstance(run_scalars, str):
+            return run_scalars
+        if any(isinstance(s, float) and not math.isfinite(s) for s in run_scalars):
+            return f"post-op parameters {run_scalars} are not finite"
+        op = f"{prefix}_{infix}_run" if infix else f"{prefix}_run"
+        mode = "unary"
+    elif key in accumulate:
+        if (reason := _full_shape_reason(other, node, f"{prefix}_{accumulate[key][0]}_run")):
+            return reason
+        infix, alpha = accumulate[key]
+        op, mode = f"{prefix}_{infix}_run", "accumulate"
+    elif mul_ok and key == ("mul",):
+        if (reason := _full_shape_reason(other, node, "linear_mul_run")):
+            return reason
+        op, mode = "linear_mul_run", "mul"
+    else:
+        return f"no IPEX {text} kernel for post-op chain {list(chain)}"
+    try:
+        found, fresh = _context(gm, kind, w, b, params, build)
+    except Exception as e:  # IPEX refused the weight: decline, nothing mutated yet
+        return f"IPEX {prefix}_prepack failed: {type(e).__name__}: {e}"
+    ctx = _attach(gm, node, found, fresh)
+    if mode == "unary":
+        new = _emit(gm, node, _run(op), (x, *run_scalars, ctx))
+    elif mode == "mul":
+        new = _emit(gm, node, _run(op), (x, other, ctx))
+    else:
+        acc, note = _accumu(gm, node, other, (x, w, b), fmt)
+        new = _emit(gm, node, _run(op), (x, acc), {"alpha": alpha, "W_prepack": ctx}, note)
+    _drop_if_unused(gm, w)
+    _drop_if_unused(gm, b)
+    return f"ipex_prepack.{op}", new
+
+
+# ----------------------------------------------------------------------------- the table
+
+def lower_conv(gm, node):
+    (x, w, b, stride, padding, dilation, transposed, output_padding, groups,
+     other, post, scalars) = node.args
+    if (reason := _operand_reason(gm, x, w, b, other)):
+        return reason
+    y = val(node)
+    if y.dim() == 3 and not transposed:
+        return ("IPEX's conv1d writes an (N, L, C)-strided output and is deprecated in "
+                "IPEX 2.9")
+    fmt = _conv_format(x, w, y)
+    if (reason := _layout_reason(y, fmt)):
+        return reason
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    cl = suggest_memory_format(val(x)) in (torch.channels_last, torch.channels_last_3d)
+    sizes = list(val(x).shape)
+    if transposed:
+        output_padding = list(output_padding)
+        params = (stride, padding, output_padding, groups, dilation)
+
+        def build(wt, bt):
+            return P.conv_transpose_prepack(wt, bt, stride, padding, output_padding, groups,
+                                            dilation, cl, sizes)
+        return _lower(gm, node, "conv_transpose", x, w, b, other, post, scalars, fmt, params,
+                      build, accumulate={})  # IPEX's transposed add runs are wrong
+
+    params = (stride, padding, dilation, groups)
+
+    def build(wt, bt):
+        return P.convolution_prepack(wt, bt, stride, padding, dilation, groups, cl, sizes)
+    return _lower(gm, node, "conv", x, w, b, other, post, scalars, fmt, params, build,
+                  CONV_ACCUMULATE)
+
+
+def lower_linear(gm, node):
+    x, w, b, other, post, scalars = node.args
+    if (reason := _operand_reason(gm, x, w, b, other)):
+        return reason
+    if val(x).dim() < 2:
+        return "linear on a 1-d input"
+    if (reason := _layout_reason(val(node), torch.contiguous_format)):
+        return reason
+    rows = math.prod(val(x).shape[:-1])
+
+    def build(wt, bt):
+        return P.linear_prepack(wt, bt, rows)  # rows: a hint only; any batch runs
+    return _lower(gm, node, "linear", x, w, b, other, post, scalars, torch.contiguous_format,
+                  (), build, ACCUMULATE, mul_ok=True)
+
+
+TABLE = {fp.conv: lower_conv, fp.linear: lower_linear}
+
+
+def lower_node(gm, node):
+    return TABLE[node.target](gm, node)
