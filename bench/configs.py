@@ -1,0 +1,169 @@
+"""The configurations the bench compares: name -> how to turn (model, inputs) into a
+callable, and in which Python environment that runs.
+
+Why a table: one place says exactly what "Inductor with freezing" or "IPEX" means here,
+so the numbers can be reproduced by hand. Every ``make`` runs in a fresh worker process
+(bench/measure.py) under ``torch.no_grad()``, on a model the worker built itself; it
+returns ``(fn, info)`` where ``fn(*inputs)`` is what gets timed (the first call is the
+compile) and ``info`` is recorded in the results. All configs get the same contiguous
+NCHW / token-id inputs: a config that wants another layout converts inside ``fn``.
+
+This module is imported by workers in the IPEX environment (torch 2.8) too: nothing in
+it may need a newer torch at import time.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    env: str  # "main" (this venv, torch 2.13) or "ipex" (the IPEX venv, torch 2.8)
+    description: str
+    make: Callable  # (model, inputs) -> (fn, info)
+    applies: Callable = lambda spec: None  # (ModelSpec) -> reason it does not apply, or None
+
+
+# ------------------------------------------------------------------ freezing check
+class FreezeProbe:
+    """Counts calls of Inductor's ``torch._inductor.freezing.freeze`` and how many graph
+    inputs (parameters/buffers) it turned into constants. Inductor imports ``freeze``
+    inside ``fw_compiler_freezing`` at call time, so patching the module attribute sees
+    every call (torch 2.8 and 2.13). pytorch#125474: a config knob that silently does
+    nothing is only caught by looking."""
+
+    def __init__(self):
+        self.calls, self.inputs, self.constants = 0, 0, 0
+
+    def install(self):
+        import torch._inductor.freezing as freezing
+        orig = freezing.freeze
+        if getattr(orig, "_bench_probe", None) is not None:
+            orig = orig._bench_probe_orig
+
+        def freeze(dynamo_gm, aot_gm, example_inputs, *a, **kw):
+            opt, preserved = orig(dynamo_gm, aot_gm, example_inputs, *a, **kw)
+            self.calls += 1
+            self.inputs += len(example_inputs)
+            self.constants += len(example_inputs) - len(preserved)
+            return opt, preserved
+
+        freeze._bench_probe, freeze._bench_probe_orig = self, orig
+        freezing.freeze = freeze
+        return self
+
+    def info(self, expect: bool) -> dict:
+        ran = self.calls > 0 and self.constants > 0
+        return {"freezing_ran": ran, "freeze_calls": self.calls,
+                "frozen_constants": self.constants, "freeze_graph_inputs": self.inputs,
+                "freezing_verified": ran == expect}
+
+
+def _dynamo_info() -> dict:
+    from torch._dynamo.utils import counters
+    return {"dynamo_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def _compiled(model, backend="inductor", freezing=False, prepare=None):
+    """torch.compile with Inductor's freezing flag set the way that works
+    (``torch._inductor.config.freezing``; ``options={"freezing": True}`` was seen to do
+    nothing) and the freeze probe installed. Returns (fn, info_fn)."""
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = freezing
+    probe = FreezeProbe().install()
+    compiled = torch.compile(model, backend=backend)
+
+    def info():
+        d = {**probe.info(expect=freezing), **_dynamo_info()}
+        if freezing and not d["freezing_ran"]:
+            d["warning"] = "freezing was requested but Inductor did not freeze any weight"
+        if not freezing and d["freezing_ran"]:
+            d["warning"] = "freezing ran although it was not requested"
+        return d
+
+    return compiled, info
+
+
+# ------------------------------------------------------------------------ configs
+def make_eager(model, inputs):
+    return model, {}
+
+
+def make_eager_channels_last(model, inputs):
+    model = model.to(memory_format=torch.channels_last)
+
+    def fn(x):
+        return model(x.contiguous(memory_format=torch.channels_last))
+
+    return fn, {"note": "weights and input channels_last; input conversion is timed"}
+
+
+def make_inductor(model, inputs):
+    fn, info = _compiled(model, freezing=False)
+    return fn, info
+
+
+def make_inductor_freezing(model, inputs):
+    fn, info = _compiled(model, freezing=True)
+    return fn, info
+
+
+def make_fusepass(model, inputs):
+    fn = torch.compile(model, backend="fusepass")  # entry point: no import needed
+    return fn, _dynamo_info
+
+
+def make_ipex_jit(model, inputs):
+    """IPEX's fastest fp32 path (IPEX_ENV.md): ipex.optimize with sample_input, then
+    torch.jit.trace + torch.jit.freeze. On a deep copy: ipex.optimize changes the original
+    model's weight layout even with inplace=False."""
+    import intel_extension_for_pytorch as ipex
+    m = ipex.optimize(copy.deepcopy(model).eval(), dtype=torch.float32,
+                      sample_input=tuple(inputs) if len(inputs) > 1 else inputs[0])
+    traced = torch.jit.trace(m, tuple(inputs), check_trace=False, strict=False)
+    traced = torch.jit.freeze(traced)
+    return traced, {"ipex": ipex.__version__}
+
+
+def make_ipex_backend(model, inputs):
+    """IPEX's documented torch.compile recipe, ipex.optimize(weights_prepack=False) then
+    backend="ipex" (Inductor with IPEX lowerings), with Inductor freezing on."""
+    import intel_extension_for_pytorch as ipex
+    m = ipex.optimize(copy.deepcopy(model).eval(), dtype=torch.float32, weights_prepack=False)
+    fn, info = _compiled(m, backend="ipex", freezing=True)
+    return fn, lambda: {**info(), "ipex": ipex.__version__}
+
+
+def _cnn_only(spec) -> Optional[str]:
+    return None if spec.kind == "cnn" else "channels_last does not apply (no 4-D activations)"
+
+
+CONFIGS = {c.name: c for c in [
+    Config("eager", "main", "eager PyTorch, torch.no_grad()", make_eager),
+    Config("eager_cl", "main", "eager, model and input in channels_last", make_eager_channels_last,
+           _cnn_only),
+    Config("inductor", "main", "torch.compile (Inductor, default mode, freezing off)",
+           make_inductor),
+    Config("inductor_freezing", "main",
+           "torch.compile (Inductor) with torch._inductor.config.freezing = True",
+           make_inductor_freezing),
+    Config("fusepass", "main", 'torch.compile(backend="fusepass")', make_fusepass),
+    Config("eager_ipexenv", "ipex", "eager PyTorch in the IPEX env (torch 2.8): IPEX's baseline",
+           make_eager),
+    Config("ipex_jit", "ipex", "ipex.optimize(sample_input=) + torch.jit.trace + jit.freeze",
+           make_ipex_jit),
+    Config("ipex_backend", "ipex",
+           'ipex.optimize(weights_prepack=False) + torch.compile(backend="ipex"), freezing on',
+           make_ipex_backend),
+]}
+DEFAULT_CONFIGS = list(CONFIGS)
+# Inductor's cold compile of even the tiny net takes 20-45 s here: not in the CI smoke
+# (tests/test_bench_smoke.py has an opt-in test that adds it).
+SMOKE_CONFIGS = ["eager", "eager_cl", "fusepass"]
+REFERENCE = "inductor_freezing"  # the config fusepass's targets are measured against

@@ -1,0 +1,307 @@
+"""Turns the results into ``results.json``, ``results.md`` and ``latency.png``.
+
+Why separate from the runner: the same rendering serves a finished run, a partial one
+(written after every model/batch group, so a crash or Ctrl-C keeps what was measured)
+and a re-render of an old JSON (``python -m bench.report results.json``).
+
+Ratios: "speedup vs eager" = eager median / config median (higher is better);
+"vs ind-frz" = config median / inductor_freezing median (lower is better: the targets
+are phrased that way, "fusepass <= 0.9x Inductor-with-freezing").
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+REFERENCE = "inductor_freezing"
+# fusepass's targets (issue #6)
+TARGET_LAT_CNN, TARGET_LAT_TRANSFORMER, TARGET_LAT_GEOMEAN = 0.9, 1.0, 0.9
+TARGET_SPEEDUP_EAGER, TARGET_COMPILE, TARGET_RSS, TARGET_REL_ERR = 1.5, 0.1, 1.0, 1e-4
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def _index(results):
+    return {(r["model"], r["batch"], r["config"]): r for r in results}
+
+
+def _ok(r):
+    return r is not None and r.get("status") == "ok" and "latency_ms" in r
+
+
+def _med(r):
+    return r["latency_ms"]["median"] if _ok(r) else float("nan")
+
+
+def _fmt(x, spec=".2f", none="–"):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, spec)
+
+
+def _mark(ok):
+    return "✅" if ok else "❌"
+
+
+def _short_counts(d: dict, n: int = 6) -> str:
+    items = sorted(d.items(), key=lambda kv: -kv[1])
+    s = ", ".join(f"{k}×{v}" for k, v in items[:n])
+    return s + (", …" if len(items) > n else "")
+
+
+def _notes(r, idx) -> str:
+    if r.get("status") == "skipped":
+        return "skipped: " + r.get("reason", "")
+    if r.get("status") != "ok":
+        return f"**error** [{r.get('stage', '?')}]: " + r.get("error", "?").replace("|", "\\|")[:160]
+    info, notes = r.get("info") or {}, []
+    if "freezing_ran" in info:
+        notes.append(f"frozen {info['frozen_constants']}/{info['freeze_graph_inputs']} inputs"
+                     if info["freezing_ran"] else "not frozen")
+    if info.get("warning"):
+        notes.append("⚠ " + info["warning"])
+    if r.get("discarded_runs") or r.get("contaminated_runs"):
+        notes.append(f"{r.get('discarded_runs', 0)} busy runs redone, "
+                     f"{r.get('contaminated_runs', 0)} kept busy")
+    if info.get("graph_breaks"):
+        notes.append(f"{info['graph_breaks']} graph breaks")
+    fp = r.get("fusepass")
+    if fp:
+        if fp.get("error"):
+            notes.append("explain failed: " + fp["error"][:80])
+        else:
+            notes.append(_short_counts(fp.get("counts", {})) or "no rewrites")
+            if fp.get("fell_back"):
+                notes.append("**fell back**")
+    if r["config"] in ("ipex_jit", "ipex_backend"):
+        base = idx.get((r["model"], r["batch"], "eager_ipexenv"))
+        if _ok(base):
+            notes.append(f"{_med(base) / _med(r):.2f}× vs eager@torch{base.get('torch', '?')[:3]}")
+    return "; ".join(notes).replace("|", "\\|")
+
+
+def markdown(data: dict) -> str:
+    meta, results = data.get("meta", {}), data.get("results", [])
+    idx = _index(results)
+    out = [f"# fusepass bench — {meta.get('started', '')}", ""]
+    m = meta.get("machine", {})
+    out.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+               f"{_fmt(m.get('mem_gb'), '.0f')} GB; threads {meta.get('settings', {}).get('threads')}; "
+               f"load avg at start {m.get('loadavg_start', '?')}, end {m.get('loadavg_end', '?')}.")
+    envs = meta.get("envs", {})
+    out.append("Environments: " + "; ".join(
+        f"{k}: torch {v.get('torch')}" + (f", ipex {v['intel_extension_for_pytorch']}"
+                                          if v.get("intel_extension_for_pytorch") else "")
+        + f", transformers {v.get('transformers')}" for k, v in envs.items()))
+    s = meta.get("settings", {})
+    if meta.get("quiet_wait_s"):
+        out.append(f"Waited {meta['quiet_wait_s'] / 60:.1f} min in total for the shared machine to be quiet.")
+    out.append(f"fp32, torch.no_grad(), HF attention `{s.get('attn')}`; rounds {s.get('rounds')}, "
+               f"iters/round {s.get('iters') or 'auto (~%s s per config per round)' % s.get('round_time')}, "
+               f"fresh Inductor cache per worker: {s.get('fresh_cache')}.")
+    out += ["", "## Results", "",
+            "Latency: median over all timed calls, IQR = q3 − q1 (ms). speedup = eager median / "
+            "config median; vs ind-frz = config median / inductor_freezing median (lower is better). "
+            "compile = wall time of the first call incl. any setup. RSS = peak RSS of the worker "
+            "process (MB). err = max |out − eager|, rel = err / max |eager|. bg cores = CPU cores "
+            "the rest of the machine used during this config's timed runs (mean; the box is "
+            "shared: > 0.5 means the numbers are disturbed).", "",
+            "| model | bs | config | median ms | IQR ms | min ms | speedup vs eager | vs ind-frz "
+            "| compile s | peak RSS MB | max abs err | rel err | bg cores | notes |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        eager = idx.get((r["model"], r["batch"], "eager"))
+        ref = idx.get((r["model"], r["batch"], REFERENCE))
+        ok = _ok(r)
+        lat = r["latency_ms"] if ok else {}
+        out.append("| " + " | ".join([
+            r["model"], str(r["batch"]), r["config"], _fmt(lat.get("median")), _fmt(lat.get("iqr")),
+            _fmt(lat.get("min")),
+            _fmt(_med(eager) / _med(r) if ok and _ok(eager) else None, ".2f") + ("×" if ok and _ok(eager) else ""),
+            _fmt(_med(r) / _med(ref) if ok and _ok(ref) else None, ".2f") + ("×" if ok and _ok(ref) else ""),
+            _fmt(r.get("compile_s") if ok else None, ".1f"),
+            _fmt(r.get("peak_rss_mb") if ok else None, ".0f"),
+            _fmt(r.get("max_abs_err") if ok else None, ".1e"),
+            _fmt(r.get("max_rel_err") if ok else None, ".1e"),
+            _fmt(r.get("background_cores_mean") if ok else None, ".2f"),
+            _notes(r, idx)]) + " |")
+    out += ["", *targets(results, idx)]
+    out += fusepass_section(results)
+    out += profile_section(results)
+    errs = [r for r in results if r.get("status") == "error"]
+    if errs:
+        out += ["", "## Errors", ""]
+        for r in errs:
+            out.append(f"- **{r['model']} bs{r['batch']} {r['config']}** [{r.get('stage')}]: "
+                       f"`{r.get('error', '')[:1500]}` (log: `{r.get('log', '')}`)")
+    return "\n".join(out) + "\n"
+
+
+def targets(results, idx) -> list:
+    """fusepass against issue #6's targets, per (model, batch) and overall."""
+    groups = sorted({(r["model"], r["batch"]) for r in results}, key=lambda g: (g[1], g[0]))
+    kinds = {r["model"]: r.get("kind", "cnn") for r in results}
+    rows, lat, spd, cmp_, rss = [], [], [], [], []
+    for model, bs in groups:
+        fp, ref, eager = (idx.get((model, bs, c)) for c in ("fusepass", REFERENCE, "eager"))
+        if fp is None:
+            continue
+        if not _ok(fp):
+            rows.append(f"| {model} | {bs} | fusepass: {fp.get('status')} | | | | | |")
+            continue
+        goal = TARGET_LAT_TRANSFORMER if kinds.get(model) == "transformer" else TARGET_LAT_CNN
+        cells = [model, str(bs)]
+        if _ok(ref):
+            ratio = _med(fp) / _med(ref)
+            lat.append(ratio)
+            cells.append(f"{ratio:.2f}× (≤{goal}) {_mark(ratio <= goal)}")
+            c = fp["compile_s"] / ref["compile_s"]
+            cmp_.append(c)
+            cells.append(f"{c:.3f}× (≤{TARGET_COMPILE}) {_mark(c <= TARGET_COMPILE)}")
+            m = fp["peak_rss_mb"] / ref["peak_rss_mb"]
+            rss.append(m)
+            cells.append(f"{m:.2f}× (≤1) {_mark(m <= TARGET_RSS)}")
+        else:
+            cells += ["no ref"] * 3
+        if _ok(eager):
+            sp = _med(eager) / _med(fp)
+            spd.append(sp)
+            cells.append(f"{sp:.2f}×")
+        else:
+            cells.append("–")
+        e = fp.get("max_rel_err", float("nan"))
+        cells.append(f"{e:.1e} {_mark(e <= TARGET_REL_ERR)}")
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    out = ["## fusepass against the targets", "",
+           "| model | bs | latency fusepass / ind-frz | compile fusepass / ind-frz | peak RSS fusepass / ind-frz "
+           "| speedup vs eager | rel err (≤1e-4) |", "|---|---:|---|---|---|---:|---|", *rows, ""]
+    g_lat, g_spd = geomean(lat), geomean(spd)
+    out.append(f"- geomean latency fusepass / inductor_freezing: **{_fmt(g_lat)}×** "
+               f"(target ≤ {TARGET_LAT_GEOMEAN}) {_mark(g_lat <= TARGET_LAT_GEOMEAN)}")
+    out.append(f"- geomean speedup of fusepass vs eager: **{_fmt(g_spd)}×** "
+               f"(target ≥ {TARGET_SPEEDUP_EAGER}) {_mark(g_spd >= TARGET_SPEEDUP_EAGER)}")
+    out.append(f"- compile time fusepass / inductor_freezing: geomean {_fmt(geomean(cmp_), '.3f')}×, "
+               f"worst {_fmt(max(cmp_) if cmp_ else None, '.3f')}× (target ≤ {TARGET_COMPILE})")
+    out.append(f"- peak RSS fusepass / inductor_freezing: worst {_fmt(max(rss) if rss else None)}× (target ≤ 1)")
+    ind = [_med(idx[(m, b, REFERENCE)]) / _med(idx[(m, b, "eager")]) for m, b in groups
+           if _ok(idx.get((m, b, REFERENCE))) and _ok(idx.get((m, b, "eager")))]
+    out.append(f"- for context, geomean speedup of inductor_freezing vs eager: {_fmt(1 / geomean(ind))}×")
+    return out
+
+
+def fusepass_section(results) -> list:
+    rows = [r for r in results if r["config"] == "fusepass" and r.get("fusepass")]
+    if not rows:
+        return []
+    out = ["", "## fusepass rewrites and kernels (fusepass.explain)", ""]
+    for r in rows:
+        fp = r["fusepass"]
+        if fp.get("error"):
+            out.append(f"- **{r['model']} bs{r['batch']}**: explain failed: {fp['error']}")
+            continue
+        out.append(f"- **{r['model']} bs{r['batch']}**: rewrites: {_short_counts(fp.get('counts', {}), 50) or 'none'}; "
+                   f"kernels: {_short_counts(fp.get('kernels', {}), 50) or 'none'}"
+                   + ("; **fell back**" if fp.get("fell_back") else ""))
+        for k, v in sorted(fp.get("declined", {}).items(), key=lambda kv: -kv[1])[:5]:
+            out.append(f"  - declined ×{v}: {k}")
+        for p in fp.get("problems", [])[:3]:
+            out.append(f"  - problem: {p}")
+    return out
+
+
+def profile_section(results) -> list:
+    rows = [r for r in results if r.get("profile")]
+    if not rows:
+        return []
+    out = ["", "## Where the time goes (torch.profiler, self CPU time per call, top ops)", ""]
+    for r in rows:
+        ops = "; ".join(f"`{p['op']}` {p['self_ms']:.2f} ms ({p['pct']:.0f}%, ×{p['calls']:g})"
+                        for p in r["profile"][:6])
+        out.append(f"- {r['model']} bs{r['batch']} **{r['config']}**: {ops}")
+    return out
+
+
+def plot(data: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    results = [r for r in data.get("results", []) if _ok(r)]
+    idx = _index(results)
+    batches = sorted({r["batch"] for r in results})
+    models = list(dict.fromkeys(r["model"] for r in results))
+    configs = list(dict.fromkeys(r["config"] for r in results))
+    if not results:
+        return False
+    fig, axes = plt.subplots(len(batches) + 1, 1, figsize=(max(8, 1.6 * len(models) * 1.5),
+                                                          3.6 * (len(batches) + 1)), squeeze=False)
+    width = 0.8 / max(1, len(configs))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, bs in enumerate(batches + [None]):
+        ax = axes[row][0]
+        for ci, cfg in enumerate(configs):
+            xs, ys, lo, hi = [], [], [], []
+            for mi, model in enumerate(models):
+                key = (model, bs if bs is not None else batches[-1], cfg)
+                r, eager = idx.get(key), idx.get(key[:2] + ("eager",))
+                if r is None:
+                    continue
+                if bs is None:
+                    # compile time panel: largest batch
+                    y = r.get("compile_s")
+                    yl = yh = 0
+                elif eager is not None:
+                    y = _med(eager) / _med(r)
+                    yl = y - _med(eager) / r["latency_ms"]["q3"]
+                    yh = _med(eager) / r["latency_ms"]["q1"] - y
+                else:
+                    continue
+                xs.append(mi + (ci - (len(configs) - 1) / 2) * width)
+                ys.append(y)
+                lo.append(max(0, yl))
+                hi.append(max(0, yh))
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi] if bs is not None else None, label=cfg,
+                       color=colors[ci % len(colors)], capsize=2)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models)
+        if bs is None:
+            ax.set_yscale("log")
+            ax.set_ylabel("compile s (first call)")
+            ax.set_title(f"compile time, batch {batches[-1]} (log scale)")
+        else:
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_ylabel("speedup vs eager")
+            ax.set_title(f"batch {bs}: speedup vs eager (median, whiskers = IQR)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, ncol=min(4, len(configs)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(data: dict, out_dir: Path, png: bool = True) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(paths["json"])
+    paths["md"].write_text(markdown(data))
+    if png and plot(data, out_dir / "latency.png"):
+        paths["png"] = out_dir / "latency.png"
+    return paths
+
+
+if __name__ == "__main__":  # re-render: python -m bench.report path/to/results.json
+    src = Path(sys.argv[1])
+    print(write(json.loads(src.read_text()), src.parent))

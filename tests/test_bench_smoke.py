@@ -1,0 +1,76 @@
+"""CI smoke run of the benchmark harness (bench/): ``python -m bench --smoke`` in a
+subprocess (tiny model, batch 1, 2 iterations) must write well-formed JSON and markdown.
+It checks the harness's plumbing (worker processes, pipes, report), never a timing.
+
+The opt-in test also runs Inductor with freezing and checks the harness saw freezing
+really happen (pytorch#125474); Inductor's cold compile makes it too slow for every CI
+run: ``BENCH_SMOKE_INDUCTOR=1 pytest tests/test_bench_smoke.py``.
+"""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+REQUIRED = {"model", "batch", "config", "status"}
+OK_FIELDS = {"latency_ms", "compile_s", "peak_rss_mb", "max_abs_err", "max_rel_err", "samples_ms"}
+
+
+def run_smoke(out: pathlib.Path, *extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--no-progress", "--ipex-python", "none",
+         "--out", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def check_well_formed(data: dict, out: pathlib.Path, configs: list):
+    assert {"started", "finished", "machine", "envs", "settings"} <= set(data["meta"])
+    rows = {r["config"]: r for r in data["results"]}
+    assert set(rows) == set(configs)
+    for name, r in rows.items():
+        assert REQUIRED <= set(r), r
+        assert r["status"] == "ok", (name, r.get("error"), r.get("traceback"))
+        assert OK_FIELDS <= set(r), (name, sorted(r))
+        assert r["model"] == "tiny" and r["batch"] == 1
+        lat = r["latency_ms"]
+        assert lat["n"] == len(r["samples_ms"]) == 2
+        assert 0 < lat["min"] <= lat["median"] and lat["q1"] <= lat["median"] <= lat["q3"]
+        assert r["peak_rss_mb"] > 0 and r["compile_s"] > 0
+        assert math.isfinite(r["max_abs_err"]) and r["max_rel_err"] < 1e-4
+    assert rows["eager"]["max_abs_err"] == 0.0
+
+    md = (out / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model | bs | config"))
+    ncols = header.count("|")
+    table = [line for line in md.splitlines()
+             if line.startswith("| tiny | 1 |")]
+    assert len(table) >= len(configs)
+    for line in table[:len(configs)]:  # the results table: one row per config, all columns
+        assert line.count("|") - line.count("\\|") == ncols, line
+    return rows
+
+
+def test_bench_smoke(tmp_path):
+    data = run_smoke(tmp_path)
+    rows = check_well_formed(data, tmp_path, ["eager", "eager_cl", "fusepass"])
+    fp = rows["fusepass"]["fusepass"]
+    assert "error" not in fp, fp
+    assert sum(fp["counts"].values()) > 0, "fusepass.explain reported no rewrite on TinyNet"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("BENCH_SMOKE_INDUCTOR") != "1",
+                    reason="cold Inductor compile is slow; set BENCH_SMOKE_INDUCTOR=1")
+def test_bench_smoke_inductor_freezing(tmp_path):
+    data = run_smoke(tmp_path, "--configs", "eager,inductor,inductor_freezing")
+    rows = check_well_formed(data, tmp_path, ["eager", "inductor", "inductor_freezing"])
+    frz, plain = rows["inductor_freezing"]["info"], rows["inductor"]["info"]
+    assert frz["freezing_ran"] and frz["frozen_constants"] > 0 and frz["freezing_verified"]
+    assert not plain["freezing_ran"] and plain["freezing_verified"]
