@@ -62,8 +62,10 @@ def same_shape(m):
     if tuple(o.shape) == tuple(y.shape):
         return None
     shapes = f"other {list(o.shape)}, output {list(y.shape)}"
+    if o.numel() > y.numel():
+        return f"the output broadcasts to other's shape ({shapes}): not a sum"
     if getattr(m["other"], "op", None) == "get_attr":
-        return f"other is a constant that broadcasts ({shapes}): fold it into the conv instead"
+        return f"other is a constant that broadcasts ({shapes}): fold it into the op instead"
     return f"other broadcasts ({shapes}): not a sum"
 
 

@@ -46,16 +46,16 @@ def aliased_inputs(n: fx.Node) -> list:
     schema = getattr(n.target, "_schema", None)
     if schema is None:
         return list(n.all_input_nodes)  # unknown op: assume the worst
-    out_sets = set()
-    for r in schema.returns:
-        if r.alias_info is not None:
-            out_sets |= set(r.alias_info.before_set)
-    if not out_sets:
+    infos = [r.alias_info for r in schema.returns if r.alias_info is not None]
+    if not infos:
         return []
+    # a list return (split: ``Tensor(a)[]``) shows an empty set here: its elements' alias
+    # sets are not exposed to Python, so it may alias any argument that has one
+    out_sets = set().union(*(set(i.before_set) for i in infos))
     found = []
     for i, a in enumerate(schema.arguments):
         arg = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
-        if a.alias_info is not None and set(a.alias_info.before_set) & out_sets:
+        if a.alias_info is not None and (not out_sets or set(a.alias_info.before_set) & out_sets):
             found += _arg_nodes(arg)
     return found
 
