@@ -1,0 +1,354 @@
+"""Every binary row (conv{1,2,3}d.{add,sub,mul,div}, linear.{add,sub,mul}): matches once on
+its own example, the op histogram before/after is what the row says, numerics match eager
+(hypothesis), and the negative cases leave the graph unchanged with a reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusepass.capture import capture, lift_module
+from fusepass.patterns import binary, binary_guards
+from fusepass.rewrite import match_at
+from tests.util import assert_close, examples, histogram, optimize
+
+OPS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
+CONV = {"conv1d": torch.nn.Conv1d, "conv2d": torch.nn.Conv2d, "conv3d": torch.nn.Conv3d}
+ROWS = [r.name for r in binary.ROWS]
+# (row, conv/linear on the right): add and mul also match `t + conv(x)`
+CASES = [(r, False) for r in ROWS] + [(r, True) for r in ROWS if r.endswith((".add", ".mul"))]
+CONV_KERNELS = ("mkldnn._convolution_pointwise.binary", "mkldnn._convolution_pointwise_.binary")
+
+
+def fused(report) -> dict:
+    """Rewrites of the fuse pass only (other passes record their own rows)."""
+    out = {}
+    for d in report.decisions:
+        if d.stage == "fuse" and d.action == "rewritten":
+            out[d.rule] = out.get(d.rule, 0) + 1
+    return out
+
+
+def declined(report, rule=None) -> list:
+    return [d.reason for d in report.declined if rule is None or d.rule == rule]
+
+
+class Residual(torch.nn.Module):
+    """``op(x) (binop) t`` (or ``t (binop) op(x)``), then an optional eltwise; ``inner``
+    makes the residual an in-graph tensor instead of the graph input itself."""
+
+    def __init__(self, family, binop, swapped=False, post=None, inner=False, cin=4, cout=6,
+                 groups=1, k=3, stride=1, padding=1, dilation=1, bias=True):
+        super().__init__()
+        if family == "linear":
+            self.op = torch.nn.Linear(cin, cout, bias=bias)
+        else:
+            self.op = CONV[family](cin, cout, k, stride, padding, dilation, groups, bias)
+        self.binop, self.swapped, self.post, self.inner = OPS[binop], swapped, post, inner
+
+    def forward(self, x, t):
+        if self.inner:
+            t = torch.exp(torch.tanh(t))  # fresh, dead after the op, away from 0 (div)
+        y = self.op(x)
+        out = self.binop(t, y) if self.swapped else self.binop(y, t)
+        return self.post(out) if self.post is not None else out
+
+
+def inputs(family, batch=2, cin=4, size=7, cout=6, residual_scale=1.0):
+    """x and a residual t with the op output's shape (abs >= 0.5, so div is tame)."""
+    x = {"conv1d": (batch, cin, size), "conv2d": (batch, cin, size, size),
+         "conv3d": (batch, cin, 4, size, size), "linear": (batch, 5, cin)}[family]
+    t = {"linear": (batch, 5, cout)}.get(family, (batch, cout) + x[2:])
+    t = torch.rand(t) + 0.5
+    return torch.randn(x), t * torch.sign(torch.randn(t.shape)) * residual_scale
+
+
+def kernel_of(family):
+    return "mkldnn._linear_pointwise.binary" if family == "linear" else CONV_KERNELS
+
+
+def count_kernel(h, family):
+    names = kernel_of(family)
+    return sum(h[k] for k in ((names,) if isinstance(names, str) else names))
+
+
+@pytest.mark.parametrize("row,swapped", CASES, ids=lambda v: str(v))
+def test_row_matches_once_histogram_and_numerics(row, swapped):
+    family, binop = row.split(".")
+    torch.manual_seed(0)
+    m = Residual(family, binop, swapped).eval()
+    x, t = inputs(family)
+    unfused = optimize(m, [x, t], disable=["fuse"])
+    gm = optimize(m, [x, t])
+    assert not unfused.fusepass_report.fell_back and not gm.fusepass_report.fell_back
+    assert fused(gm.fusepass_report) == {row: 1}, gm.fusepass_report.summary()
+    before, after = histogram(unfused), histogram(gm)
+    assert before[f"aten.{binop}"] == 1 and after[f"aten.{binop}"] == 0, (before, after)
+    if family == "conv1d":  # fused, but oneDNN's binary convs are 2-d/3-d only
+        assert after["fusepass.conv"] == 1 and count_kernel(after, family) == 0
+        kept = gm.fusepass_report.where(stage="lower", action="kept")
+        assert kept and "2-d and 3-d" in kept[0].reason
+    else:
+        assert count_kernel(before, family) == 0 and count_kernel(after, family) == 1
+        assert after["fusepass.conv"] == after["fusepass.linear"] == 0
+    with torch.no_grad():
+        assert_close(gm(x, t), m(x, t))
+
+
+@pytest.mark.parametrize("family", ["conv1d", "conv2d", "conv3d"])
+@pytest.mark.parametrize("binop", ["add", "sub", "mul", "div"])
+def test_conv_binary_then_relu_is_one_chain(family, binop):
+    torch.manual_seed(0)
+    m = Residual(family, binop, post=F.relu, inner=True).eval()
+    x, t = inputs(family)
+    gm = optimize(m, [x, t])
+    assert fused(gm.fusepass_report) == {f"{family}.{binop}": 1, f"{family}.relu": 1}
+    h = histogram(gm)
+    assert h["aten.relu"] == 0 and h[f"aten.{binop}"] == 0
+    if family != "conv1d":
+        node = next(n for n in gm.graph.nodes if n.op == "call_function"
+                    and str(n.target).startswith("mkldnn._convolution_pointwise"))
+        assert binop in node.args and "relu" in node.args, node.args
+    with torch.no_grad():
+        assert_close(gm(x, t), m(x, t))
+
+
+def test_linear_add_then_relu_keeps_the_relu():
+    """No oneDNN linear kernel takes an eltwise after the binary post-op."""
+    torch.manual_seed(0)
+    m = Residual("linear", "add", post=F.relu).eval()
+    x, t = inputs("linear")
+    gm = optimize(m, [x, t])
+    assert fused(gm.fusepass_report) == {"linear.add": 1}
+    assert any("no linear kernel for add+relu" in r for r in declined(gm.fusepass_report))
+    assert histogram(gm)["aten.relu"] == 1
+    with torch.no_grad():
+        assert_close(gm(x, t), m(x, t))
+
+
+def test_conv_add_then_silu_keeps_the_silu():
+    torch.manual_seed(0)
+    m = Residual("conv2d", "add", post=F.silu).eval()
+    x, t = inputs("conv2d")
+    gm = optimize(m, [x, t])
+    assert fused(gm.fusepass_report) == {"conv2d.add": 1}
+    assert any("no conv kernel for add+silu" in r for r in declined(gm.fusepass_report))
+    assert histogram(gm)["aten.silu"] == 1
+    with torch.no_grad():
+        assert_close(gm(x, t), m(x, t))
+
+
+# --- numerics vs eager on drawn shapes -------------------------------------------------
+
+@st.composite
+def conv_case(draw):
+    family = draw(st.sampled_from(["conv1d", "conv2d", "conv3d"]))
+    binop = draw(st.sampled_from(["add", "sub", "mul", "div"]))
+    groups = draw(st.sampled_from([1, 2, 4]))
+    cout = groups * draw(st.sampled_from([1, 2, 3]))
+    k, stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    size = draw(st.integers(dilation * (k - 1) + 1, 8))
+    kw = dict(cin=4, cout=cout, groups=groups, k=k, stride=stride,
+              padding=draw(st.integers(0, k // 2 * dilation)), dilation=dilation,
+              bias=draw(st.booleans()))
+    layout = "contiguous" if family == "conv1d" else draw(
+        st.sampled_from(["contiguous", "channels_last", "mixed"]))
+    return dict(family=family, binop=binop, kw=kw, batch=draw(st.integers(1, 3)), size=size,
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), layout=layout,
+                swapped=binop in ("add", "mul") and draw(st.booleans()),
+                relu=draw(st.booleans()), inner=draw(st.booleans()))
+
+
+@settings(max_examples=examples(40))
+@given(conv_case(), st.integers(0, 2**16))
+def test_conv_rows_numerics_vs_eager(case, seed):
+    torch.manual_seed(seed)
+    family, binop, kw, dtype = case["family"], case["binop"], case["kw"], case["dtype"]
+    m = Residual(family, binop, case["swapped"], F.relu if case["relu"] else None,
+                 case["inner"], **kw).eval().to(dtype)
+    x = inputs(family, case["batch"], 4, case["size"])[0]
+    with torch.no_grad():
+        t = torch.rand_like(m.op(x.to(dtype)).float()) + 0.5
+    x, t = x.to(dtype), (t * torch.sign(torch.randn(t.shape))).to(dtype)
+    if case["layout"] != "contiguous":
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.to(memory_format=fmt)
+        t = t.to(memory_format=fmt) if case["layout"] == "channels_last" else t
+    t0 = t.clone()
+    gm = optimize(m, [x, t])
+    assert not gm.fusepass_report.fell_back, gm.fusepass_report.summary()
+    want = {f"{family}.{binop}": 1} | ({f"{family}.relu": 1} if case["relu"] else {})
+    assert fused(gm.fusepass_report) == want, gm.fusepass_report.summary()
+    with torch.no_grad():
+        expected = m(x, t)
+        got = gm(x, t)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert_close(got, expected, dtype)
+    assert torch.equal(t, t0), "the residual input was written"
+
+
+@settings(max_examples=examples(25))
+@given(st.sampled_from(["add", "sub", "mul"]), st.booleans(), st.booleans(),
+       st.sampled_from([(2,), (1, 3), (2, 5)]), st.integers(1, 16), st.integers(1, 16),
+       st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
+def test_linear_rows_numerics_vs_eager(binop, swapped, inner, lead, cin, cout, bias, dtype, seed):
+    torch.manual_seed(seed)
+    swapped = swapped and binop != "sub"
+    m = Residual("linear", binop, swapped, None, inner, cin=cin, cout=cout, bias=bias)
+    m = m.eval().to(dtype)
+    x = torch.randn(*lead, cin).to(dtype)
+    t = (torch.rand(*lead, cout) + 0.5).to(dtype)
+    gm = optimize(m, [x, t])
+    assert fused(gm.fusepass_report) == {f"linear.{binop}": 1}
+    with torch.no_grad():
+        assert_close(gm(x, t), m(x, t), dtype)
+
+
+# --- negative cases: the graph keeps its binary op, the report says why ----------------
+
+class Neg(torch.nn.Module):
+    def __init__(self, fn, family="conv2d"):
+        super().__init__()
+        self.op = torch.nn.Linear(4, 6) if family == "linear" else CONV[family](4, 6, 3, padding=1)
+        self.register_buffer("c", torch.rand(6, 1, 1) + 0.5)
+        self.fn = fn
+
+    def forward(self, x, t):
+        return self.fn(self, self.op(x), t)
+
+
+NEGATIVES = {
+    # name: (fn(self, y, t), t's shape (None: like y), t's dtype, reason, the row that must
+    #        not rewrite, the op left over)
+    "broadcast [C,1,1]": (lambda s, y, t: y + t, (6, 1, 1), None, "other broadcasts",
+                          "conv2d.add", "aten.add"),
+    "output broadcasts": (lambda s, y, t: y * t, (3, 6, 5, 5), None, "the output broadcasts",
+                          "conv2d.mul", "aten.mul"),
+    "alpha": (lambda s, y, t: torch.add(y, t, alpha=2), None, None, "alpha=2", "conv2d.add",
+              "aten.add"),
+    "sub alpha": (lambda s, y, t: torch.sub(y, t, alpha=0.5), None, None, "alpha=0.5",
+                  "conv2d.sub", "aten.sub"),
+    "dtype promotion": (lambda s, y, t: y + t, None, torch.float64, "dtype promotion",
+                        "conv2d.add", "aten.add"),
+    "relu first": (lambda s, y, t: F.relu(y) + t, None, None, "already has eltwise post-ops",
+                   "conv2d.add", "aten.add"),
+    "second binary": (lambda s, y, t: (y + t) * t, None, None, "already has a binary post-op",
+                      "conv2d.mul", "aten.mul"),
+    "conv output used twice": (lambda s, y, t: (y + t) * y.sum(), None, None, "has 2 users",
+                               "conv2d.add", "aten.add"),
+    "conv output is an output": (lambda s, y, t: (y + t, y), None, None, "is a graph output",
+                                 "conv2d.add", "aten.add"),
+    "y + y": (lambda s, y, t: y + y, None, None, "other is the conv/linear output itself",
+              "conv2d.add", "aten.add"),
+    "linear broadcast [out]": (lambda s, y, t: y + t, (6,), None, "other broadcasts",
+                               "linear.add", "aten.add"),
+    "linear alpha": (lambda s, y, t: torch.add(t, y, alpha=3), None, None, "alpha=3",
+                     "linear.add", "aten.add"),
+}
+
+
+@pytest.mark.parametrize("name", NEGATIVES)
+def test_negative_cases_leave_the_graph_and_say_why(name):
+    fn, tshape, tdtype, reason, row, left = NEGATIVES[name]
+    family = row.split(".")[0]
+    torch.manual_seed(0)
+    m = Neg(fn, family).eval()
+    x = torch.randn(1, 5, 4) if family == "linear" else torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        y = m.op(x)
+    t = torch.randn(tshape or y.shape, dtype=tdtype or torch.float32)
+    unfused = optimize(m, [x, t], disable=["fuse"])
+    gm = optimize(m, [x, t])
+    rep = gm.fusepass_report
+    assert row not in fused(rep), rep.summary()
+    assert any(reason in r for r in declined(rep, row)), rep.summary()
+    assert histogram(gm)[left] == histogram(unfused)[left] >= 1
+    with torch.no_grad():
+        assert_close(gm(x, t), m(x, t), torch.float32)  # the conv runs in fp32 throughout
+
+
+@pytest.mark.parametrize("fn,reason", [
+    (lambda s, y, t: y + s.c, "is a constant that broadcasts"),
+    (lambda s, y, t: y * 2.0, "is the scalar 2.0"),
+])
+def test_constant_operands_are_folding_business(fn, reason):
+    """A per-channel constant or a scalar folds into the weights (fold_binary_constants);
+    the binary rows never take it, and say why when nothing folded it first."""
+    torch.manual_seed(0)
+    m = Neg(fn).eval()
+    x, t = torch.randn(1, 4, 5, 5), torch.randn(1, 6, 5, 5)
+    gm = optimize(m, [x, t])
+    rep = gm.fusepass_report
+    assert not any(r.startswith("conv2d.") for r in fused(rep))
+    if not any(d.stage.startswith("fold") and d.action == "rewritten" for d in rep.decisions):
+        assert any(reason in r for r in declined(rep)), rep.summary()
+    with torch.no_grad():
+        assert_close(gm(x, t), m(x, t))
+
+
+def test_conv_as_subtrahend_is_not_a_candidate():
+    """t - conv(x) has no post-op form (sub/div take the conv on the left only)."""
+    torch.manual_seed(0)
+    for fn in (lambda s, y, t: t - y, lambda s, y, t: t / y):
+        m = Neg(fn).eval()
+        x, t = torch.randn(1, 4, 5, 5), torch.randn(1, 6, 5, 5)
+        gm = optimize(m, [x, t])
+        assert fused(gm.fusepass_report) == {}
+        with torch.no_grad():
+            assert_close(gm(x, t), m(x, t))
+
+
+def _captured(m, *args):
+    lifted, weights = lift_module(torch.fx.symbolic_trace(m))
+    with torch.no_grad():
+        return capture(lifted, weights() + list(args), freeze=True).gm
+
+
+def test_cycle_guard_finds_a_path_from_the_conv_to_other():
+    """y + relu(y): other depends on the conv output. The engine already declines it (the
+    conv has a second user); the guard alone must say so too, via the networkx path."""
+    m = Neg(lambda s, y, t: y + F.relu(y)).eval()
+    gm = _captured(m, torch.randn(1, 4, 5, 5), torch.randn(1, 6, 5, 5))
+    add = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor)
+    match = match_at(next(r for r in binary.ROWS if r.name == "conv2d.add"), gm, add)
+    assert match is not None and match["other"].target is torch.ops.aten.relu.default
+    assert "would create a cycle" in binary_guards.no_cycle(match)
+    out = optimize(m, [torch.randn(1, 4, 5, 5), torch.randn(1, 6, 5, 5)])
+    assert fused(out.fusepass_report) == {} and histogram(out)["aten.add"] == 1
+
+
+def test_cycle_guard_passes_an_independent_later_operand():
+    """other computed after the conv but not from it (ResNet's downsample branch)."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.Conv2d(4, 6, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return F.relu(y + self.b(torch.sin(x)))
+
+    m, x = M().eval(), torch.randn(2, 4, 6, 6)
+    gm = _captured(m, x)
+    add = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor)
+    match = match_at(next(r for r in binary.ROWS if r.name == "conv2d.add"), gm, add)
+    assert match["other"] > binary_guards.fused_node(match)
+    assert binary_guards.no_cycle(match) is None
+    out = optimize(m, [x])
+    assert fused(out.fusepass_report) == {"conv2d.add": 1, "conv2d.relu": 1}
+    with torch.no_grad():
+        assert_close(out(x), m(x))
+
+
+def test_through_the_torch_compile_backend():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = Residual("conv2d", "add", post=F.relu, inner=True).eval()
+    x, t = inputs("conv2d")
+    with torch.no_grad():
+        got = torch.compile(m, backend="fusepass")(x, t)
+        want = m(x, t)
+    torch._dynamo.reset()
+    assert_close(got, want)
