@@ -64,6 +64,10 @@ def main(argv=None):
 def _tables(report) -> str:
     out = ["what was rewritten (pattern row: count)"]
     out += [f"  {k:<28} {v:>4}" for k, v in sorted(report.counts.items())] or ["  (nothing)"]
+    other = {k: v for k, v in report.rewrites.items() if k not in report.counts}
+    if other:
+        out.append("other rewrites (layout regions, prepacked weights)")
+        out += [f"  {k:<28} {v:>4}" for k, v in sorted(other.items())]
     out.append("kernels chosen (kernel: count)")
     out += [f"  {k:<40} {v:>4}" for k, v in sorted(report.kernels.items())] or ["  (none)"]
     declined = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode, UnsupportedOperatorException
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils._pytree import tree_flatten, tree_map
@@ -90,19 +90,13 @@ def verify(gm, after: str):
             continue
         if n.op == "output":
             continue
-        args = fx.node.map_arg(n.args, lambda a: env[a])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
-        if _script_only(n.target):  # no fake kernel, and it segfaults on fakes: trust meta
+        if _is_kernel(n.target):  # a lowered kernel is outside the IR: trust its meta
             env[n] = tree_map(lambda v: _refake(mode, v), n.meta["val"])
             continue
+        args = fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
         with mode:
-            try:
-                out = n.target(*args, **kwargs)
-            except UnsupportedOperatorException:
-                # torch 2.13 has no fake kernel for mkldnn's .binary convs: trust their meta
-                if getattr(n.target, "namespace", None) != "mkldnn":
-                    raise
-                out = tree_map(lambda v: _refake(mode, v), n.meta["val"])
+            out = n.target(*args, **kwargs)
         env[n] = out
         got, want = tree_flatten(out)[0], tree_flatten(n.meta.get("val"))[0]
         for g, w in zip(got, want):
@@ -111,10 +105,10 @@ def verify(gm, after: str):
                                      f"but propagates to {tuple(g.shape)}/{g.dtype}")
 
 
-def _script_only(target) -> bool:
-    """A TorchScript-only operator (IPEX's ``ipex_prepack::*_run``), not in the dispatcher."""
-    schema = getattr(target, "_schema", None)
-    return schema is not None and not torch._C._dispatch_has_kernel(schema.name)
+def _is_kernel(target) -> bool:
+    """A target kernel (``mkldnn::*``, ``ipex_prepack::*``, ...), not an IR op: their fake
+    kernels are partial (mkldnn conv1d, .binary) or absent (TorchScript-only IPEX ops)."""
+    return getattr(target, "namespace", None) not in (None, "aten", "fusepass", "prims")
 
 
 def _refake(mode, v):

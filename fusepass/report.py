@@ -41,7 +41,14 @@ class Report:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Rewrites per rule: {"conv2d.relu": 16, "fold.bn": 53, ...}."""
+        """Rewrites per pattern-table row: {"conv2d.relu": 16, "fold.bn.conv": 53, ...}."""
+        from fusepass.patterns import TABLE
+        rows = TABLE.names()
+        return {k: v for k, v in self.rewrites.items() if k in rows}
+
+    @property
+    def rewrites(self) -> dict[str, int]:
+        """Every rewrite per rule, pattern rows and pass-level ones (prepack, layout)."""
         return dict(Counter(d.rule for d in self.decisions if d.action == "rewritten"))
 
     @property
@@ -58,13 +65,13 @@ class Report:
         return any(d.action == "fallback" for d in self.decisions)
 
     def to_dict(self):
-        return {"counts": self.counts, "kernels": self.kernels,
+        return {"counts": self.counts, "rewrites": self.rewrites, "kernels": self.kernels,
                 "decisions": [asdict(d) for d in self.decisions]}
 
     def summary(self) -> str:
         lines = []
-        if self.counts:
-            lines.append("rewritten: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.counts.items())))
+        if self.rewrites:
+            lines.append("rewritten: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.rewrites.items())))
         if self.kernels:
             lines.append("kernels:   " + ", ".join(f"{k} x{v}" for k, v in sorted(self.kernels.items())))
         reasons = Counter((d.rule, d.reason) for d in self.declined)

@@ -54,6 +54,9 @@ class Table:
         for r in rules:
             self.add(r)
 
+    def names(self) -> set[str]:
+        return set(self._names)
+
     def select(self, prefix: str) -> list[Rule]:
         return [r for r in self.rows if r.name.startswith(prefix)]
 

@@ -59,7 +59,7 @@ class Residual(torch.nn.Module):
 def inputs(family, batch=2, cin=4, size=7, cout=6, residual_scale=1.0):
     """x and a residual t with the op output's shape (abs >= 0.5, so div is tame)."""
     x = {"conv1d": (batch, cin, size), "conv2d": (batch, cin, size, size),
-         "conv3d": (batch, cin, 4, size, size), "linear": (batch, 5, cin)}[family]
+         "conv3d": (batch, cin, min(size, 5), size, size), "linear": (batch, 5, cin)}[family]
     t = {"linear": (batch, 5, cout)}.get(family, (batch, cout) + x[2:])
     t = torch.rand(t) + 0.5
     return torch.randn(x), t * torch.sign(torch.randn(t.shape)) * residual_scale
