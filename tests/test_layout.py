@@ -14,12 +14,11 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
-import fusepass
 from fusepass import models
 from fusepass.capture import capture, lift_module
 from fusepass.options import Options
@@ -375,6 +374,7 @@ def test_optimized_matches_eager_values_and_strides(name, fmt):
         assert g.stride() == w.stride(), (g.stride(), w.stride())
 
 
+@settings(max_examples=examples(10))
 @given(batch=st.integers(1, 3), size=st.integers(2, 9), cl=st.booleans(),
        name=st.sampled_from(["branches_cat", "output_inside_region", "sum_into_conv"]))
 def test_layout_pass_numerics_on_drawn_shapes(batch, size, cl, name):
@@ -387,10 +387,6 @@ def test_layout_pass_numerics_on_drawn_shapes(batch, size, cl, name):
     for g, w in zip(tree_leaves(got), tree_leaves(want)):
         assert_close(g, w)
         assert g.stride() == w.stride()
-
-
-test_layout_pass_numerics_on_drawn_shapes = __import__("hypothesis").settings(
-    max_examples=examples(10))(test_layout_pass_numerics_on_drawn_shapes)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "nhwc"])

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import fusepass
 from tests.util import assert_close, optimize
 
 mkldnn = torch.ops.mkldnn
