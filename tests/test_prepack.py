@@ -60,7 +60,7 @@ def test_weights_are_packed_and_the_report_shows_the_bytes():
     packed = packed_buffers(opt)
     assert len(packed) == 3  # two convs, one linear
     rep = opt.fusepass_report
-    assert rep.counts["prepack.conv"] == 2 and rep.counts["prepack.linear"] == 1
+    assert rep.rewrites["prepack.conv"] == 2 and rep.rewrites["prepack.linear"] == 1
     assert report_bytes(rep) == sum(mkldnn._nbytes(t) for t in packed.values()) > 0
     # the dense weights are no longer held by the graph
     assert not any(n.op == "get_attr" and not getattr(opt, n.target).is_mkldnn
