@@ -69,10 +69,10 @@ def _ancestors(node):
     return seen
 
 
-def run_fold_rows(gm, prefix: str, stage: str, options, report) -> PassResult:
+def run_fold_rows(gm, prefixes, stage: str, options, report) -> PassResult:
     """Apply the enabled table rows named ``prefix*`` to a fixpoint, then evaluate the new
     weights; the body of both fold passes."""
-    rules = [r for r in TABLE.select(prefix) if options.enabled(r.name)]
+    rules = [r for p in prefixes for r in TABLE.select(p) if options.enabled(r.name)]
     before = set(gm.graph.nodes)
     changed = apply_rules(gm, rules, report, stage=stage, max_rounds=64)
     if changed:

@@ -16,4 +16,4 @@ from fusepass.constfold import run_fold_rows
 
 
 def fold_batchnorm(gm, *, options, report) -> PassResult:
-    return run_fold_rows(gm, "fold.bn", "fold_batchnorm", options, report)
+    return run_fold_rows(gm, ["fold.bn"], "fold_batchnorm", options, report)

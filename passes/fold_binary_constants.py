@@ -8,6 +8,10 @@ rows of ``patterns/folding.py``; each decline (non-channel broadcast, enlarged o
 dtype promotion, shared output, integer result, non-finite constant, division by zero,
 ``c / y``) is reported with its reason. New weights are new constants
 (``fusepass.constfold``), so a parameter shared with another node is left as it was.
+
+The BatchNorm rows run here too (unless ``fold_batchnorm`` is disabled): a BN that only
+becomes adjacent to its conv once a constant between them folds (``conv -> *c -> BN``)
+folds in the same fixpoint instead of being left behind by the earlier pass.
 """
 from __future__ import annotations
 
@@ -17,4 +21,5 @@ from fusepass.constfold import run_fold_rows
 
 
 def fold_binary_constants(gm, *, options, report) -> PassResult:
-    return run_fold_rows(gm, "fold.const.", "fold_binary_constants", options, report)
+    prefixes = ["fold.const."] + (["fold.bn"] if options.enabled("fold_batchnorm") else [])
+    return run_fold_rows(gm, prefixes, "fold_binary_constants", options, report)

@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from fusepass import ops as fp
 from fusepass.patterns import fold_guards as F
+from fusepass.patterns import guards as G
 from fusepass.patterns.table import Rule
 
 aten = torch.ops.aten
@@ -142,13 +143,6 @@ def _signature(fn, names):
     return fn
 
 
-def _all_of(guards):
-    def guard(m):
-        return next((r for r in (g(m) for g in guards) if r), None)
-    guard.__name__ = "all_of(" + ", ".join(g.__name__ for g in guards) + ")"
-    return guard
-
-
 def binary_row(family: str, spelling: str) -> Rule:
     op, base_names = FAMILIES[family]
     fragment, to_affine, extra, when, doc = BINARY[spelling]
@@ -172,7 +166,7 @@ def binary_row(family: str, spelling: str) -> Rule:
 
     candidate.__name__ = f"constant_operand[{spelling}]"
     return Rule(f"fold.const.{family}.{spelling}", _signature(pattern, names),
-                _signature(replacement, names), _all_of(guards),
+                _signature(replacement, names), G.all_of(*guards),
                 f"{family}(x) then {doc} -> {family} with the constant in W and b", candidate)
 
 
@@ -210,7 +204,7 @@ def bn_row(family: str, form: str) -> Rule:
         return fold_affine(family, base, s, d)
 
     return Rule(f"fold.{form}.{family}", _signature(pattern, names), _signature(replacement, names),
-                _all_of(BN_GUARDS),
+                G.all_of(*BN_GUARDS),
                 f"{family}(x) then eval BatchNorm ({form}) -> {family} with W*s, (b-mean)*s+beta")
 
 

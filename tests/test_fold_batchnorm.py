@@ -195,6 +195,29 @@ def test_chain_of_two_batchnorms_folds_to_one_conv():
         assert_close(gm(x), m(x))
 
 
+class Interleaved(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.bn1(self.conv(x) * 2) + 1)
+
+
+def test_batchnorm_behind_a_constant_folds_in_the_same_fixpoint():
+    """conv -> *2 -> BN -> +1 -> BN: the BNs become adjacent only as the constants fold."""
+    m, x = reinit(Interleaved()).eval(), torch.randn(1, 3, 6, 6)
+    gm = optimize(m, [x], disable=["fuse"], lowering="reference")
+    assert histogram(gm) == {"aten.convolution": 1}
+    assert gm.fusepass_report.counts == {"fold.bn.conv": 2, "fold.const.conv.mul": 1,
+                                         "fold.const.conv.add": 1}
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
+    # disabling the pass disables BN folding everywhere
+    gm = optimize(m, [x], disable=["fuse", "fold_batchnorm"], lowering="reference")
+    assert histogram(gm)["aten.native_batch_norm"] == 2
+
+
 def test_backend_folds_batchnorm():
     torch._dynamo.reset()
     m, x = conv_bn(), torch.randn(2, 4, 6, 6)
