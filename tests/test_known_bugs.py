@@ -1,0 +1,251 @@
+"""The anchors' known bugs, each as a test that passes here (issue #8).
+
+Inductor / optimize_for_inference crashed or went wrong on these; fusepass must either
+run them optimized and correct, or fall back and say so.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusepass
+from tests.util import assert_close, histogram, optimize
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled(m, *xs):
+    with torch.no_grad():
+        return torch.compile(m, backend="fusepass")(*xs)
+
+
+class ConvBNReLU(torch.nn.Module):
+    def __init__(self, cin=3, cout=8, **kw):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, 3, **kw)
+        self.bn = torch.nn.BatchNorm2d(cout)
+        self.lin = torch.nn.Linear(cout, 4)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        return self.lin(y.mean((2, 3)))
+
+
+def eval_with_stats(m):
+    torch.manual_seed(0)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_fp64_and_fp16_run_correctly_or_fall_back_reported(dtype):
+    """pytorch#98979: an fp64 model through freezing/prepack crashed Inductor."""
+    m = eval_with_stats(ConvBNReLU()).to(dtype)
+    x = torch.randn(2, 3, 10, 10, dtype=dtype)
+    gm = optimize(m, [x])
+    rep = gm.fusepass_report
+    with torch.no_grad():
+        want = m(x)
+        got = gm(x)
+        assert_close(compiled(m, x), want)
+    assert got.dtype == dtype
+    assert_close(got, want)
+    assert not histogram(gm).get("mkldnn._convolution_pointwise")  # no fp64/fp16 oneDNN kernel
+    assert any(str(dtype) in d.reason for d in rep.declined + rep.where(action="kept")), rep
+
+
+def test_addmm_with_beta_keeps_its_accuracy():
+    """pytorch#121253: addmm(beta=0.1) lost accuracy under freezing."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16, 8))
+            self.b = torch.nn.Parameter(torch.randn(8) * 100)
+
+        def forward(self, x):
+            return torch.addmm(self.b, x, self.w, beta=0.1)
+
+    torch.manual_seed(0)
+    m, x = M().eval(), torch.randn(4, 16)
+    with torch.no_grad():
+        want = m(x)
+        torch.testing.assert_close(compiled(m, x), want)
+        torch.testing.assert_close(optimize(m, [x])(x), want)
+
+
+class LinearBN1d(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5)
+        self.conv, self.bn2 = torch.nn.Conv1d(5, 7, 3), torch.nn.BatchNorm1d(7)
+
+    def forward(self, x):
+        y = self.bn(self.lin(x))  # [N, 5]
+        z = self.bn2(self.conv(y.unsqueeze(-1).expand(-1, -1, 9)))
+        return y, z
+
+
+def test_batchnorm1d_after_linear_and_conv1d_folds():
+    """pytorch#61223 / #86664: BatchNorm1d crashed optimize_for_inference."""
+    m = eval_with_stats(LinearBN1d())
+    x = torch.randn(3, 6)
+    gm = optimize(m, [x])
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
+        assert_close(compiled(m, x), m(x))
+    assert sum(v for k, v in gm.fusepass_report.counts.items() if k.startswith("fold.bn")) == 2
+
+
+@pytest.mark.parametrize("name,model,shape", [
+    ("1x1 spatial input", ConvBNReLU(3, 8, padding=1), (2, 3, 1, 1)),
+    ("kernel larger than input, padded", ConvBNReLU(3, 8, padding=2), (2, 3, 2, 2)),
+    ("groups == channels", ConvBNReLU(8, 8, padding=1, groups=8), (2, 8, 6, 6)),
+    ("dilation > 1", ConvBNReLU(3, 8, padding=2, dilation=2), (2, 3, 9, 9)),
+    ("batch 0", ConvBNReLU(3, 8), (0, 3, 8, 8)),
+])
+def test_unusual_conv_shapes(name, model, shape):
+    m = eval_with_stats(model)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        want = m(x)
+        assert_close(optimize(m, [x])(x), want)
+        assert_close(compiled(m, x), want)
+
+
+def test_stale_weights_after_load_state_dict():
+    """pytorch#104984: folded weights went stale after load_state_dict."""
+    m = eval_with_stats(ConvBNReLU())
+    other = eval_with_stats(ConvBNReLU())
+    torch.manual_seed(1)
+    for p in other.parameters():
+        p.data.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    c = torch.compile(m, backend="fusepass")
+    gm = optimize(m, [x])
+    with torch.no_grad():
+        c(x), gm(x)
+        m.load_state_dict(other.state_dict())
+        assert_close(c(x), other(x))
+        assert_close(gm(x), other(x))
+
+
+class InPlaceResidual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x).relu_()
+        z = self.b(y)
+        z += x  # residual, in place
+        z.relu_()
+        y.add_(1.0)  # an intermediate mutated after use
+        return z, y
+
+
+def test_in_place_ops_keep_eager_semantics():
+    torch.manual_seed(0)
+    m, x = InPlaceResidual().eval(), torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = m(x)
+        assert_close(compiled(m, x), want)
+        assert_close(optimize(m, [x])(x), want)
+    rep = fusepass.explain(m, x)
+    assert rep.counts.get("conv2d.add", 0) == 1 and rep.counts.get("conv2d.relu", 0) == 2
+
+
+def test_mutating_a_graph_input_is_kept():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            x.mul_(2)
+            return F.relu(self.conv(x))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    x0 = torch.randn(1, 3, 4, 4)
+    xa, xb = x0.clone(), x0.clone()
+    with torch.no_grad():
+        want = m(xa)
+        got = optimize(m, [x0.clone()])(xb)
+    assert_close(got, want)
+    torch.testing.assert_close(xb, xa)  # the input was mutated as eager mutates it
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_non_contiguous_and_channels_last_inputs(layout):
+    m = eval_with_stats(ConvBNReLU())
+    x = torch.randn(2, 3, 12, 12)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x[..., ::2, 1::2]
+    with torch.no_grad():
+        assert_close(compiled(m, x), m(x))
+        assert_close(optimize(m, [x])(x), m(x))
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    pooled: torch.Tensor
+
+
+class ManyOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = F.gelu(self.lin(self.emb(ids)))
+        return {"h": h, "pair": (h.sum(-1), Out(h * 2, h.mean(1)))}
+
+
+def test_integer_inputs_and_structured_outputs():
+    torch.manual_seed(0)
+    m = ManyOutputs().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        want = m(ids)
+        got = compiled(m, ids)
+    assert isinstance(got["pair"][1], Out)
+    assert_close(got["h"], want["h"])
+    assert_close(got["pair"][0], want["pair"][0])
+    assert_close(dataclasses.astuple(got["pair"][1]), dataclasses.astuple(want["pair"][1]))
+
+
+def test_dynamic_shapes_stay_correct():
+    from fusepass import models
+    m = models.build("resnet18")
+    with torch.no_grad():
+        c = torch.compile(m, backend="fusepass", dynamic=True)
+        for bs, res in [(1, 64), (3, 64), (2, 96)]:
+            x = models.example_input("resnet18", bs, resolution=res)
+            assert_close(c(x), m(x))
+
+
+def test_sequence_length_changes_between_calls():
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert = T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64)).eval()
+    for mod in bert.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.reset_parameters()
+    with torch.no_grad():
+        c = torch.compile(bert, backend="fusepass")
+        for bs, seq in [(1, 8), (2, 13), (1, 8), (3, 5)]:
+            ids = torch.randint(0, 100, (bs, seq))
+            assert_close(c(ids).last_hidden_state, bert(ids).last_hidden_state)
