@@ -89,15 +89,17 @@ def markdown(data) -> str:
              f"Load average (1/5/15 min) before {m['loadavg_before_after'][0]}, after "
              f"{m['loadavg_before_after'][1]}: the machine is shared, so compare configs within "
              "a batch size (they saw the same load), not across runs.", "",
-             "| batch | config | median ms | IQR ms | vs eager | vs fusepass | conversions | "
-             "packed weights (MB) |", "|---|---|---|---|---|---|---|---|"]
+             "| batch | config | median ms | IQR ms | min ms | vs eager | vs fusepass | "
+             "conversions | packed weights (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         packed = "-" if "packed_bytes" not in r else (
             f"{r['packed_weights']} ({r['packed_bytes'] / 1e6:.1f})")
         lines.append(f"| {r['batch']} | {r['config']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
+                     f"{min(r['samples_ms']):.1f} | "
                      f"{r['speedup_vs_eager']:.2f}x | {r['vs_fusepass']:.2f}x | "
                      f"{r.get('conversions', '-')} | {packed} |")
-    lines += ["", "`vs fusepass` > 1 means slower than full fusepass. Regions:"]
+    lines += ["", "`vs` columns compare medians; `vs fusepass` > 1 means slower than full "
+              "fusepass. `min` is the least-disturbed sample (useful on a loaded machine). Regions:"]
     for r in data["results"]:
         for reg in r.get("regions", []):
             lines.append(f"- bs {r['batch']}, {r['config']}: {reg}")
@@ -111,7 +113,11 @@ def main(argv=None):
     p.add_argument("--min-s", type=float, default=0.3, help="time per sample (>= 1 call)")
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--render", type=Path, help="re-render the markdown of an earlier JSON")
     args = p.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())))
+        return
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     model = models.build("resnet50")
