@@ -21,7 +21,7 @@ class OptimizedGraphModule(fx.GraphModule):
         compiled = self.__dict__["_fusepass"]
         full = compiled.full_args(args)
         v = compiled.variant(full)
-        if v.gm is self.__dict__["_fusepass_source"]:
+        if v.gm is self.__dict__["_fusepass_source"] and v.checked:
             return super().__call__(*args)
         return v.run(full)
 

@@ -249,3 +249,55 @@ def test_sequence_length_changes_between_calls():
         for bs, seq in [(1, 8), (2, 13), (1, 8), (3, 5)]:
             ids = torch.randint(0, 100, (bs, seq))
             assert_close(c(ids).last_hidden_state, bert(ids).last_hidden_state)
+
+
+# --- FUSEPASS_CHECK ---------------------------------------------------------------------
+
+def test_check_mode_passes_a_correct_graph_and_keeps_input_mutation_single():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            x.add_(1)
+            return F.relu(self.conv(x))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    x0 = torch.randn(1, 3, 4, 4)
+    xa, xb = x0.clone(), x0.clone()
+    with torch.no_grad():
+        want = m(xa)
+        got = optimize(m, [x0.clone()], check=True)(xb)
+    assert_close(got, want)
+    torch.testing.assert_close(xb, xa)
+
+
+def test_check_mode_names_the_first_diverging_kernel(monkeypatch):
+    from fusepass.check import CheckError
+    from fusepass.lowering import onednn
+    monkeypatch.setitem(onednn.UNARY, "relu", ("sigmoid", None))  # a wrong kernel entry
+    m = eval_with_stats(ConvBNReLU())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(CheckError, match=r"first diverging node: _convolution_pointwise.*relu"):
+        optimize(m, [x], check=True)(x)
+    monkeypatch.setenv("FUSEPASS_CHECK", "1")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="FUSEPASS_CHECK"):
+        compiled(m, x)
+
+
+def test_check_mode_blames_a_rewrite_when_kernels_agree(monkeypatch):
+    from fusepass.check import CheckError
+    from fusepass.patterns import epilogues
+    m = eval_with_stats(ConvBNReLU())
+    x = torch.randn(2, 3, 8, 8)
+    # a wrong row: relu fused as sigmoid (the kernel then faithfully computes sigmoid)
+    monkeypatch.setitem(epilogues.SPELLINGS, "relu", (
+        lambda y: torch.ops.aten.relu.default(y), 0, lambda: (["sigmoid"], []), None, "relu(y)"))
+    monkeypatch.setattr(fusepass.patterns.TABLE, "rows", [
+        epilogues.epilogue_row("conv2d", "relu") if r.name == "conv2d.relu" else r
+        for r in fusepass.patterns.TABLE.rows])
+    with pytest.raises(CheckError, match="a rewrite"):
+        optimize(m, [x], check=True)(x)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from fusepass import ops as fp
+from fusepass.check import record_fused
 from fusepass.lowering import onednn, reference
 
 TARGETS = {"onednn": onednn, "reference": reference}
@@ -40,12 +41,15 @@ def lower(gm, options, report):
         if node.op != "call_function" or node.target not in fp.FUSED_OPS:
             continue
         name, text = node.name, _chain_text(node)
+        fused = record_fused(gm, node) if options.check else None
         try:
             out = target.lower_node(gm, node)
             if isinstance(out, str) and fallback is not None:
                 reason = out
                 out = fallback.lower_node(gm, node)
                 if not isinstance(out, str):
+                    if fused is not None:
+                        out[1].meta["fusepass_fused"] = fused
                     report.record("lower", out[0], name, "lowered", f"ipex: {reason}; onednn instead")
                     continue
         except Exception as e:
@@ -54,6 +58,8 @@ def lower(gm, options, report):
         if isinstance(out, str):
             report.record("lower", "reference", name, "kept", out)
         else:  # a target may say why it chose a kernel form (in place or not, ...)
+            if fused is not None and out[1] is not None:
+                out[1].meta["fusepass_fused"] = fused
             note = out[1].meta.get("fusepass_lowering_note") if out[1] is not None else None
             report.record("lower", out[0], name, "lowered", f"{text}; {note}" if note else text)
     gm.graph.eliminate_dead_code()
