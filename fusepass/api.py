@@ -12,18 +12,15 @@ from fusepass.report import Report
 
 class OptimizedGraphModule(fx.GraphModule):
     """The GraphModule ``optimize`` returns: its graph is the variant for the example
-    inputs; a call with another input signature, or after a source weight changed, runs
-    (building if needed) the matching variant instead."""
+    inputs. A call runs the variant matching the inputs' signature (building it after a
+    source weight changed or for new shapes), with the runtime's check and fallback."""
 
     def __call__(self, *args, **kwargs):
         if kwargs:
             raise TypeError("fusepass-optimized graphs take positional inputs only")
         compiled = self.__dict__["_fusepass"]
         full = compiled.full_args(args)
-        v = compiled.variant(full)
-        if v.gm is self.__dict__["_fusepass_source"] and v.checked:
-            return super().__call__(*args)
-        return v.run(full)
+        return compiled.variant(full).run(full)
 
 
 def optimize(gm: torch.nn.Module, example_inputs, **options) -> torch.nn.Module:
@@ -41,7 +38,6 @@ def optimize(gm: torch.nn.Module, example_inputs, **options) -> torch.nn.Module:
         return gm
     out = OptimizedGraphModule(v.gm, v.gm.graph, class_name="FusepassGraphModule")
     out.__dict__["_fusepass"] = compiled
-    out.__dict__["_fusepass_source"] = v.gm
     out.fusepass_report = v.report
     return out
 

@@ -151,9 +151,19 @@ class Compiled:
         gm.fusepass_report = report
         idx, spec = cap.user_idx, cap.out_spec
 
-        def run(full):
+        def optimized(full):
             out = gm(*[full[i] for i in idx])
             return out if spec is None else pytree.tree_unflatten(out, spec)
+
+        def run(full):
+            try:
+                return optimized(full)
+            except Exception as e:  # last resort: eager; an error eager shares is the user's
+                out = self.lifted.fn(*full)
+                report.record("runtime", "-", "-", "fallback",
+                              f"{type(e).__name__}: {e}; this variant now runs unoptimized")
+                v.run, v.checked, v.gm = (lambda f: self.lifted.fn(*f)), True, None
+                return out
 
         v = Variant(run, report, gm)
         if self.options.check:

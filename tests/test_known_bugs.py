@@ -301,3 +301,30 @@ def test_check_mode_blames_a_rewrite_when_kernels_agree(monkeypatch):
         for r in fusepass.patterns.TABLE.rows])
     with pytest.raises(CheckError, match="a rewrite"):
         optimize(m, [x], check=True)(x)
+
+
+def test_a_kernel_failing_at_run_time_falls_back_to_eager(monkeypatch):
+    m = eval_with_stats(ConvBNReLU())
+    x = torch.randn(2, 3, 8, 8)
+    gm = optimize(m, [x])
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("kernel exploded")
+
+    variant = next(iter(gm._fusepass.variants.values()))
+    monkeypatch.setattr(variant.gm, "forward", broken)  # a kernel failing at run time
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
+        assert_close(gm(x), m(x))
+    assert calls == [1]  # the variant switched to eager after the first failure
+    assert gm.fusepass_report.fell_back
+    assert "kernel exploded" in gm.fusepass_report.where(action="fallback")[0].reason
+
+
+def test_user_errors_still_raise():
+    m = eval_with_stats(ConvBNReLU())
+    gm = optimize(m, [torch.randn(2, 3, 8, 8)])
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        gm(torch.randn(2, 5, 8, 8))  # wrong channel count: eager raises too
