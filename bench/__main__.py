@@ -57,9 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--max-background", type=float, default=0.5, metavar="CORES",
                    help="the machine is shared: a timed run during which other processes used "
                         "more than this many cores is redone (--retries), then kept and flagged")
-    p.add_argument("--quiet-timeout", type=float, default=120.0, metavar="S",
+    p.add_argument("--quiet-timeout", type=float, default=60.0, metavar="S",
                    help="before each compile and each round, wait up to S seconds for the "
                         "machine to be quiet (0: never wait)")
+    p.add_argument("--quiet-budget", type=float, default=60.0, metavar="MIN",
+                   help="total minutes of such waiting per run")
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--omp-wait-policy", choices=["active", "passive"],
                    help="set OMP_WAIT_POLICY in the workers (default: leave it unset)")
@@ -125,6 +127,7 @@ def main(argv=None) -> int:
                  profile=args.profile, attn=args.attn, min_free_gb=args.min_free_gb,
                  fresh_cache=not args.warm_cache, max_background=args.max_background,
                  quiet_timeout=0.0 if args.smoke else args.quiet_timeout,
+                 quiet_budget=60.0 * args.quiet_budget,
                  retries=0 if args.smoke else args.retries,
                  omp_wait_policy=args.omp_wait_policy)
     out = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")

@@ -57,6 +57,8 @@ def _short_counts(d: dict, n: int = 6) -> str:
 def _notes(r, idx) -> str:
     if r.get("status") == "skipped":
         return "skipped: " + r.get("reason", "")
+    if r.get("status") is None:
+        return "pending"
     if r.get("status") != "ok":
         return f"**error** [{r.get('stage', '?')}]: " + r.get("error", "?").replace("|", "\\|")[:160]
     info, notes = r.get("info") or {}, []
@@ -152,7 +154,7 @@ def targets(results, idx) -> list:
         if fp is None:
             continue
         if not _ok(fp):
-            rows.append(f"| {model} | {bs} | fusepass: {fp.get('status')} | | | | | |")
+            rows.append(f"| {model} | {bs} | fusepass: {fp.get('status') or 'pending'} | | | | |")
             continue
         goal = TARGET_LAT_TRANSFORMER if kinds.get(model) == "transformer" else TARGET_LAT_CNN
         cells = [model, str(bs)]

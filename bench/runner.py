@@ -36,7 +36,7 @@ class Settings:
     rounds: int = 5
     iters: Optional[int] = None  # per config per round; None: from round_time
     round_time: float = 2.0  # seconds per config per round when iters is None
-    min_iters: int = 2
+    min_iters: int = 1
     max_iters: int = 50
     warmup: int = 3  # at least this many warm-up calls after the first (compiling) one
     warmup_s: float = 3.0  # ... and up to this long
@@ -49,10 +49,11 @@ class Settings:
     min_free_gb: float = 6.0
     # the machine is shared: wait (up to quiet_timeout s) for the neighbours' CPU use to
     # drop below max_background cores before a compile or a round; a timed run during
-    # which it was above that is discarded and redone (up to `retries` times), then kept
-    # and flagged
+    # which it was above that is discarded and redone (up to `retries` times, and only if
+    # the machine could be quiet before it), then kept and flagged
     max_background: float = 0.5
-    quiet_timeout: float = 120.0
+    quiet_timeout: float = 60.0
+    quiet_budget: float = 3600.0  # total seconds of waiting per run, then never wait again
     retries: int = 2
     omp_wait_policy: Optional[str] = None  # OMP_WAIT_POLICY for the workers; None: unset
     fresh_cache: bool = True  # a fresh Inductor cache per worker: compile time is cold
@@ -256,6 +257,7 @@ class Runner:
         self.interleave_group = 0
         self.live = sys.stderr.isatty()  # tick the progress bar every second while compiling
         self.quiet_wait_s = 0.0
+        self.retry_ok = True
 
     def _spec(self, job: Job) -> dict:
         return {"model": job.model, "batch": job.batch, "config": job.config,
@@ -278,18 +280,22 @@ class Runner:
             job.worker.close()
             job.worker = None
 
-    def quiet(self, job: Optional[Job] = None, timeout: Optional[float] = None) -> None:
+    def quiet(self, job: Optional[Job] = None, timeout: Optional[float] = None) -> bool:
         """Wait for the neighbours to calm down (see Settings.max_background)."""
         def tick(load):
             if self.live:
                 self.progress.set_postfix_str(f"waiting for a quiet machine ({load:.1f} cores busy)",
                                               refresh=True)
-        waited, load = wait_quiet(self.s.max_background,
-                                  self.s.quiet_timeout if timeout is None else timeout, tick=tick)
+        budget = max(0.0, self.s.quiet_budget - self.quiet_wait_s)
+        timeout = min(budget, self.s.quiet_timeout if timeout is None else timeout)
+        waited, load = wait_quiet(self.s.max_background, timeout, tick=tick)
         self.progress.set_postfix_str("")
         self.quiet_wait_s += waited
         if job is not None:
             job.result["quiet_wait_s"] = job.result.get("quiet_wait_s", 0.0) + waited
+        # Redoing a busy run only helps if the machine can be quiet at all right now
+        self.retry_ok = timeout > 0 and load is not None and load < self.s.max_background
+        return self.retry_ok
 
     def start(self, job: Job):
         self.progress.set_description(f"{job.model} bs{job.batch} {job.config}: compiling")
@@ -320,7 +326,10 @@ class Runner:
             est = max(msg["est_ms"], 1e-3)
             job.iters = int(min(self.s.max_iters, max(self.s.min_iters,
                                                       math.ceil(1000 * self.s.round_time / est))))
-        job.rewarm = int(min(10, max(1, math.ceil(1000 * self.s.rewarm_time / max(msg["est_ms"], 1e-3)))))
+        # untimed calls before each round's timed ones; a call of seconds hardly notices
+        # the ~20 ms it takes to wake an idle worker up, and is too costly to repeat
+        job.rewarm = 0 if msg["est_ms"] > 2000 else int(
+            min(10, max(1, math.ceil(1000 * self.s.rewarm_time / max(msg["est_ms"], 1e-3)))))
         job.result.update(samples_ms=[], background_cores=[], discarded_runs=0, contaminated_runs=0)
         warn = (msg.get("info") or {}).get("warning")
         self.log(f"  {job.model} bs{job.batch} {job.config}: compile {msg['compile_s']:.1f} s, "
@@ -345,7 +354,7 @@ class Runner:
                 return False
             bg = meter.stop()
             busy = bg is not None and bg > self.s.max_background
-            if busy and attempt < self.s.retries:
+            if busy and attempt < self.s.retries and self.retry_ok:
                 job.result["discarded_runs"] += 1
                 self.quiet(job)
                 continue
