@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fusepass import ops as fp
-from fusepass._compat import treespec_children
+from fusepass._compat import batch_norm_as_native, treespec_children
 
 aten = torch.ops.aten
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -153,6 +153,8 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
             _swap(gm, n, fp.conv, (*n.args, None, [], []))
         elif freeze and n.op == "call_function" and n.target in _MATMUL:
             _canonical_matmul(gm, n)
+        elif (bn_args := batch_norm_as_native(n)) is not None:  # torch 2.8's spellings
+            _swap(gm, n, aten.native_batch_norm.default, bn_args)
     structured = _structured_output(gm, spec["out"])
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

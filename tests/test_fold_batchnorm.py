@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusepass
+from fusepass._compat import TRACES_BN_AS_LEGIT
 from fusepass.patterns import TABLE
 from tests.util import assert_close, examples, histogram, optimize
 
@@ -82,6 +83,9 @@ def test_every_bn_row_has_an_example():
 
 @pytest.mark.parametrize("row", sorted(ROW_EXAMPLES))
 def test_row_matches_once_histogram_and_numerics(row):
+    if row.startswith("fold.bn_no_training") and TRACES_BN_AS_LEGIT:
+        pytest.skip("torch 2.8 traces every eval BatchNorm as _native_batch_norm_legit_no_training "
+                    "and capture rewrites it to native_batch_norm: this spelling folds by fold.bn.*")
     make, shape, bn_op = ROW_EXAMPLES[row]
     m, x = make(), torch.randn(shape)
     before = histogram(optimize(m, [x], disable=NO_FOLDS, lowering="reference"))
