@@ -153,6 +153,8 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
             _swap(gm, n, fp.conv, (*n.args, None, [], []))
         elif freeze and n.op == "call_function" and n.target in _MATMUL:
             _canonical_matmul(gm, n)
+        elif n.op == "call_function" and n.target is aten.as_strided_.default:
+            _functional_restride(gm, n)
         elif (bn_args := batch_norm_as_native(n)) is not None:  # torch 2.8's spellings
             _swap(gm, n, aten.native_batch_norm.default, bn_args)
     structured = _structured_output(gm, spec["out"])
@@ -203,6 +205,20 @@ def _canonical_matmul(gm, n):
     wt = add_constant(gm, getattr(gm, w.target).t().contiguous(), "wt", n,
                       source=w.meta.get("fusepass_source"))
     _swap(gm, n, fp.linear, (x, wt, b, None, [], []))
+
+
+def _functional_restride(gm, n):
+    """Decompositions (adaptive_avg_pool2d to 1x1) restore a memory format with an
+    in-place ``as_strided_`` that only changes the strides of size-1 dims: no element
+    moves, so it is dropped (the IR is functional; strides of size-1 dims mean nothing)."""
+    t, size, stride = n.args[:3]
+    offset = n.args[3] if len(n.args) > 3 else None
+    v = t.meta["val"]
+    if offset not in (None, 0) or list(size) != list(v.shape) or len(t.users) != 1:
+        return
+    if all(a == b for a, b, k in zip(v.stride(), stride, size) if k != 1):
+        n.replace_all_uses_with(t)
+        gm.graph.erase_node(n)
 
 
 def _freeze(gm, placeholder, tensor, name, attr):
