@@ -37,6 +37,7 @@ Kernel facts this table relies on (IPEX 2.8.0 on torch 2.8.0, measured with
 from __future__ import annotations
 
 import math
+import warnings
 
 import intel_extension_for_pytorch  # noqa: F401  (registers torch.ops.ipex_prepack.*)
 import torch
@@ -134,19 +135,15 @@ def _why_not_inplace(node, other, reads):
 
 # ----------------------------------------------------------------------------- contexts
 
-def _key(t):
-    return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
 def _context(gm, kind, w, b, params, build):
-    """(get_attr node to create, or reuse, for the context), computed before any mutation."""
-    wt = constant(gm, w)
-    bt = constant(gm, b) if b is not None else None
-    key = (kind, _key(wt), _key(bt), repr(params))
+    """(existing context node, None) or (None, (key, new context)); decides, never mutates.
+    Keyed by the constants' attribute names (unique in gm and not reused while lowering,
+    unlike data pointers once a dropped weight is freed)."""
+    key = (kind, w.target, None if b is None else b.target, repr(params))
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.meta.get("fusepass_ipex_key") == key:
             return n, None
-    return None, (key, build(wt, bt))
+    return None, (key, build(constant(gm, w), None if b is None else constant(gm, b)))
 
 
 def _attach(gm, node, found, fresh):
@@ -158,7 +155,9 @@ def _attach(gm, node, found, fresh):
         i += 1
     name = f"{CTX_PREFIX}{i}"
     setattr(gm, name, ctx)
-    with gm.graph.inserting_before(node):
+    with gm.graph.inserting_before(node), warnings.catch_warnings():
+        # fx warns for attributes that are no Module/Parameter/buffer; a ScriptObject is fine
+        warnings.simplefilter("ignore", UserWarning)
         n = gm.graph.get_attr(name)
     n.meta["fusepass_ipex_key"] = key
     return n
