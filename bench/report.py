@@ -105,7 +105,8 @@ def markdown(data: dict) -> str:
         out.append(f"Waited {meta['quiet_wait_s'] / 60:.1f} min in total for the shared machine to be quiet.")
     out.append(f"fp32, torch.no_grad(), HF attention `{s.get('attn')}`; rounds {s.get('rounds')}, "
                f"iters/round {s.get('iters') or 'auto (~%s s per config per round)' % s.get('round_time')}, "
-               f"fresh Inductor cache per worker: {s.get('fresh_cache')}.")
+               f"fresh Inductor cache per worker: {s.get('fresh_cache')}; "
+               f"OMP_WAIT_POLICY {s.get('omp_wait_policy') or 'unset (libgomp default: spin, then sleep)'}.")
     out += ["", "## Results", "",
             "Latency: median over all timed calls, IQR = q3 − q1 (ms). speedup = eager median / "
             "config median; vs ind-frz = config median / inductor_freezing median (lower is better). "

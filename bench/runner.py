@@ -258,6 +258,7 @@ class Runner:
         self.live = sys.stderr.isatty()  # tick the progress bar every second while compiling
         self.quiet_wait_s = 0.0
         self.retry_ok = True
+        self.gate_timeout = settings.quiet_timeout  # halves after each wait that timed out
 
     def _spec(self, job: Job) -> dict:
         return {"model": job.model, "batch": job.batch, "config": job.config,
@@ -287,7 +288,7 @@ class Runner:
                 self.progress.set_postfix_str(f"waiting for a quiet machine ({load:.1f} cores busy)",
                                               refresh=True)
         budget = max(0.0, self.s.quiet_budget - self.quiet_wait_s)
-        timeout = min(budget, self.s.quiet_timeout if timeout is None else timeout)
+        timeout = min(budget, self.gate_timeout if timeout is None else timeout)
         waited, load = wait_quiet(self.s.max_background, timeout, tick=tick)
         self.progress.set_postfix_str("")
         self.quiet_wait_s += waited
@@ -295,6 +296,9 @@ class Runner:
             job.result["quiet_wait_s"] = job.result.get("quiet_wait_s", 0.0) + waited
         # Redoing a busy run only helps if the machine can be quiet at all right now
         self.retry_ok = timeout > 0 and load is not None and load < self.s.max_background
+        if timeout > 0:  # a machine that stays busy is not waited for as long next time
+            self.gate_timeout = self.s.quiet_timeout if self.retry_ok else max(
+                min(5.0, self.s.quiet_timeout), self.gate_timeout / 2)
         return self.retry_ok
 
     def start(self, job: Job):
