@@ -6,7 +6,8 @@ the activation after it as a post-op, and no BatchNorm runs at all. The rows are
 ``fold.bn*`` rows of ``patterns/folding.py`` (ATen ``native_batch_norm`` and
 ``_native_batch_norm_legit_no_training``, after conv 1d/2d/3d, grouped, transposed, or a
 2-d linear); declines (training mode, no running stats, shared conv output, ...) are
-reported by the rows' guards. New weights are new constants (``fusepass.constfold``).
+reported by the rows' guards. New weights are new constants
+(``fusepass.rewrite.evaluate_constants``).
 """
 from __future__ import annotations
 

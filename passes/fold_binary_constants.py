@@ -7,7 +7,7 @@ tensor that varies only along the output-channel dim. The rows are the ``fold.co
 rows of ``patterns/folding.py``; each decline (non-channel broadcast, enlarged output,
 dtype promotion, shared output, integer result, non-finite constant, division by zero,
 ``c / y``) is reported with its reason. New weights are new constants
-(``fusepass.constfold``), so a parameter shared with another node is left as it was.
+(``fusepass.rewrite.evaluate_constants``), so a parameter shared with another node is left as it was.
 
 The BatchNorm rows run here too (unless ``fold_batchnorm`` is disabled): a BN that only
 becomes adjacent to its conv once a constant between them folds (``conv -> *c -> BN``)

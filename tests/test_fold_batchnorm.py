@@ -127,7 +127,7 @@ def bn_case(draw):
     cout = cin if depthwise else groups * draw(st.integers(1, 3))
     k, stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
     padding = draw(st.integers(0, k // 2))
-    size = draw(st.integers(dilation * (k - 1) + 1, 7 if rank < 3 else 4))
+    size = draw(st.integers(dilation * (k - 1) + 1, 7 if rank < 3 else 5))
     kw = dict(cin=cin, cout=cout, k=k, stride=stride, padding=padding, dilation=dilation,
               groups=groups, bias=bias, affine=affine)
     if kind == "conv_transpose":
