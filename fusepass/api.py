@@ -15,6 +15,11 @@ class OptimizedGraphModule(fx.GraphModule):
     inputs. A call runs the variant matching the inputs' signature (building it after a
     source weight changed or for new shapes), with the runtime's check and fallback."""
 
+    def __deepcopy__(self, memo):
+        raise TypeError("a fusepass-optimized graph holds prepacked oneDNN weights, which "
+                        "cannot be deep-copied: deep-copy the source module and optimize "
+                        "the copy")
+
     def __call__(self, *args, **kwargs):
         if kwargs:
             raise TypeError("fusepass-optimized graphs take positional inputs only")

@@ -64,16 +64,17 @@ def lift_module(gm: torch.nn.Module) -> tuple[Lifted, Callable[[], list]]:
         return torch.func.functional_call(gm, dict(zip(names, args[:k])), tuple(args[k:]),
                                           tie_weights=False, strict=False)
 
-    def current():
-        return [gm.get_parameter(n) if _is_param(gm, n) else gm.get_buffer(n) for n in names]
+    slots = []  # (the owning module's _parameters or _buffers dict, key): one lookup a call
+    for n in names:
+        owner, _, leaf = n.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        slots.append((mod._parameters if leaf in mod._parameters else mod._buffers, leaf))
+
+    def current():  # a replaced Parameter or buffer is seen; a replaced submodule is not
+        return [d[k] for d, k in slots]
 
     graph = gm.graph if isinstance(gm, fx.GraphModule) else None
     return Lifted(fn, dict(enumerate(names)), graph), current
-
-
-def _is_param(m, name):
-    mod, _, leaf = name.rpartition(".")
-    return leaf in (m.get_submodule(mod) if mod else m)._parameters
 
 
 def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[bool, str]:

@@ -145,13 +145,24 @@ def evaluate_constants(gm, new_nodes, result):
     fake-tensor meta pass over it would cost more than the math. The inputs are only
     read; a value that aliases one is cloned, so a user's parameter is never handed out
     as (or written through) a new weight. Returns ``result``, or its constant."""
-    values = {}
+    values, known = {}, {}
+
+    def value(a):  # the value of a constant expression (a user-written one too), or None
+        if a not in known:
+            if a.op == "get_attr":
+                known[a] = getattr(gm, a.target)
+            elif a.op == "call_function" and a.all_input_nodes and all(
+                    value(i) is not None for i in a.all_input_nodes):
+                known[a] = a.target(*fx.node.map_arg(a.args, value),
+                                    **fx.node.map_arg(a.kwargs, value))
+            else:
+                known[a] = None
+        return known[a]
+
     with torch.no_grad():
         for n in new_nodes:
-            ins = n.all_input_nodes
-            if n.op == "call_function" and ins and all(i.op == "get_attr" or i in values for i in ins):
-                get = lambda a: values[a] if a in values else getattr(gm, a.target)  # noqa: E731
-                values[n] = n.target(*fx.node.map_arg(n.args, get), **fx.node.map_arg(n.kwargs, get))
+            if n.op == "call_function" and value(n) is not None:
+                values[n] = known[n]
     for n, value in values.items():
         if not any(u not in values for u in n.users) and n is not result:
             continue

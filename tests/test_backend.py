@@ -240,3 +240,12 @@ def test_backend_found_through_entry_point_without_import():
                          cwd="/", env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_deepcopy_of_an_optimized_graph_is_a_clear_error():
+    import copy
+    torch.manual_seed(0)
+    m = MLPBlock().eval()
+    gm = optimize(m, [torch.randn(2, 7, 32)])
+    with pytest.raises(TypeError, match="deep-copy the source module"):
+        copy.deepcopy(gm)

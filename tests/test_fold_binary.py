@@ -301,3 +301,24 @@ def test_runtime_weight_is_declined():
     assert declined and "weight of" in declined[0].reason and "not a frozen constant" in declined[0].reason
     with torch.no_grad():
         assert_close(gm(x, w), Fn()(x, w))
+
+
+def test_fold_through_a_user_written_constant_expression_leaves_no_runtime_math():
+    """The constant is a view/expand of a buffer: the folded weight is still one constant,
+    not float64 math that would run on every call."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.register_buffer("c", torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            return self.conv(x) * self.c.view(1, 4, 1, 1).expand(1, 4, 1, 1)
+
+    torch.manual_seed(0)
+    m, x = M().eval(), torch.randn(1, 3, 8, 8)
+    gm = optimize(m, [x])
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops == [torch.ops.mkldnn._convolution_pointwise.default], ops
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x))

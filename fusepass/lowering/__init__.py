@@ -43,25 +43,26 @@ def lower(gm, options, report):
         name, text = node.name, _chain_text(node)
         fused = record_fused(gm, node) if options.check else None
         try:
-            out = target.lower_node(gm, node)
+            out, via = target.lower_node(gm, node), ""
             if isinstance(out, str) and fallback is not None:
-                reason = out
-                out = fallback.lower_node(gm, node)
-                if not isinstance(out, str):
-                    if fused is not None:
-                        out[1].meta["fusepass_fused"] = fused
-                    report.record("lower", out[0], name, "lowered", f"ipex: {reason}; onednn instead")
-                    continue
+                first, out = out, fallback.lower_node(gm, node)
+                if isinstance(out, str):
+                    out = f"ipex: {first}; onednn: {out}"
+                else:
+                    via = f"ipex: {first}; onednn instead"
         except Exception as e:
             report.record("lower", "-", name, "error", f"{type(e).__name__}: {e}")
             continue
         if isinstance(out, str):
             report.record("lower", "reference", name, "kept", out)
-        else:  # a target may say why it chose a kernel form (in place or not, ...)
-            if fused is not None and out[1] is not None:
-                out[1].meta["fusepass_fused"] = fused
-            note = out[1].meta.get("fusepass_lowering_note") if out[1] is not None else None
-            report.record("lower", out[0], name, "lowered", f"{text}; {note}" if note else text)
+            continue
+        kernel, new = out
+        note = None
+        if new is not None:  # a target may say why it chose a kernel form (in place or not)
+            note = new.meta.get("fusepass_lowering_note")
+            if fused is not None:
+                new.meta["fusepass_fused"] = fused
+        report.record("lower", kernel, name, "lowered", "; ".join(filter(None, [text, via, note])))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
