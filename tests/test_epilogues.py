@@ -227,3 +227,18 @@ def test_sigmoid_of_a_different_tensor_is_not_silu():
     assert "conv2d.silu_mul" not in gm.fusepass_report.counts
     with torch.no_grad():
         assert_close(gm(x), m(x))
+
+
+@pytest.mark.parametrize("k,dilation", [(3, 1), (4, 1), (3, 2), (2, 3)])
+@pytest.mark.parametrize("family", ["conv1d", "conv2d"])
+def test_padding_same_including_asymmetric(family, k, dilation):
+    """padding="same" with an even effective kernel pads asymmetrically: ATen spells it
+    as a pad then a conv; both forms must fuse their relu and match eager."""
+    conv = {"conv1d": torch.nn.Conv1d, "conv2d": torch.nn.Conv2d}[family]
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(conv(4, 6, k, padding="same", dilation=dilation), torch.nn.ReLU()).eval()
+    x = example(family, size=9)
+    gm = optimize(m, [x])
+    assert gm.fusepass_report.counts == {f"{family}.relu": 1}
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
