@@ -46,10 +46,10 @@ from torch._prims_common import suggest_memory_format
 from fusepass import ops as fp
 from fusepass.ir import constant, infer_meta, is_constant, val
 from fusepass.lowering import inplace
+from fusepass.lowering.operands import operand_reason
 
 P = torch.ops.ipex_prepack
 aten = torch.ops.aten
-DTYPES = (torch.float32, torch.bfloat16)
 CTX_PREFIX = "_fp_ipex_ctx_"
 
 
@@ -92,16 +92,7 @@ def _operand_reason(gm, x, w, b, other):
         return "weight is not a frozen constant (IPEX prepacks it at compile time)"
     if b is not None and not is_constant(gm, b):
         return "bias is not a frozen constant (IPEX prepacks it with the weight)"
-    vals = [val(t) for t in (x, w, b, other) if t is not None]
-    if any(v is None for v in vals):
-        return "operand without meta['val']"
-    if vals[0].dtype not in DTYPES:
-        return f"no IPEX kernel for dtype {vals[0].dtype}"
-    if any(v.dtype != vals[0].dtype for v in vals):
-        return "mixed dtypes: " + ", ".join(str(v.dtype) for v in vals)
-    if any(v.device.type != "cpu" for v in vals):
-        return "an operand is not on the CPU"
-    return None
+    return operand_reason("IPEX", x, w, b, other)
 
 
 def _full_shape_reason(other, node, kind):

@@ -14,10 +14,10 @@ from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
 from fusepass.ir import val
+from fusepass.lowering.operands import operand_reason
 from fusepass.lowering import inplace
 
 mkldnn = torch.ops.mkldnn
-DTYPES = (torch.float32, torch.bfloat16)
 
 # post-op name -> (oneDNN attr, algorithm); scalars pass through unchanged
 UNARY = {
@@ -29,20 +29,6 @@ UNARY = {
 CONV_BINARY = {"add", "sub", "mul", "div"}
 CONV_AFTER_BINARY = {"relu"}
 LINEAR_BINARY = {"add", "sub", "mul"}
-
-
-def _dtype_reason(node, x, w, b, other):
-    tensors = [t for t in (x, w, b, other) if t is not None]
-    vals = [val(t) for t in tensors]
-    if any(v is None for v in vals):
-        return "operand without meta['val']"
-    if vals[0].dtype not in DTYPES:
-        return f"no oneDNN kernel for dtype {vals[0].dtype}"
-    if any(v.dtype != vals[0].dtype for v in vals):
-        return "mixed dtypes: " + ", ".join(str(v.dtype) for v in vals)
-    if vals[0].device.type != "cpu":
-        return f"device {vals[0].device} is not a CPU"
-    return None
 
 
 def _same_shape(other, out_node):
@@ -64,7 +50,7 @@ def lower_conv(gm, node):
      other, post, scalars) = node.args
     if transposed:
         return "transposed convolution has no lowering in the onednn target"
-    reason = _dtype_reason(node, x, w, b, other)
+    reason = operand_reason("oneDNN", x, w, b, other)
     if reason:
         return reason
     chain = list(post)
@@ -129,7 +115,7 @@ def _lower_conv_binary(gm, node, chain):
 
 def lower_linear(gm, node):
     x, w, b, other, post, scalars = node.args
-    reason = _dtype_reason(node, x, w, b, other)
+    reason = operand_reason("oneDNN", x, w, b, other)
     if reason:
         return reason
     if val(x).dim() < 2:

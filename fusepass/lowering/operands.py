@@ -1,0 +1,23 @@
+"""What every oneDNN-based target asks of a fused op's operands before picking a kernel:
+known meta, one dtype the kernels take (fp32 or bf16), all on the CPU."""
+from __future__ import annotations
+
+import torch
+
+from fusepass.ir import val
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def operand_reason(target: str, *nodes):
+    """A reason the ``target`` kernels cannot take these operands, or None."""
+    vals = [val(t) for t in nodes if t is not None]
+    if any(v is None for v in vals):
+        return "operand without meta['val']"
+    if vals[0].dtype not in KERNEL_DTYPES:
+        return f"no {target} kernel for dtype {vals[0].dtype}"
+    if any(v.dtype != vals[0].dtype for v in vals):
+        return "mixed dtypes: " + ", ".join(str(v.dtype) for v in vals)
+    if any(v.device.type != "cpu" for v in vals):
+        return "an operand is not on the CPU"
+    return None
