@@ -136,6 +136,13 @@ def main(argv) -> int:
             stage = "compile"
             rss_before = _rss_mb()
             t0 = time.perf_counter()
+            # for the tests: BENCH_INJECT_FAULT="<config>:raise,<config>:exit"
+            faults = dict(f.split(":", 1) for f in os.environ.get("BENCH_INJECT_FAULT", "").split(",")
+                          if ":" in f)
+            if faults.get(spec["config"]) == "exit":
+                os._exit(3)
+            if faults.get(spec["config"]) == "raise":
+                raise RuntimeError("fault injected by BENCH_INJECT_FAULT")
             fn, info = config.make(model, inputs)
             out = fn(*inputs)
             compile_s = time.perf_counter() - t0

@@ -101,6 +101,23 @@ def markdown(data: dict) -> str:
                                           if v.get("intel_extension_for_pytorch") else "")
         + f", transformers {v.get('transformers')}" for k, v in envs.items()))
     s = meta.get("settings", {})
+    codes = {}
+    for r in results:
+        c = r.get("code")
+        if c and r.get("config") == "fusepass":
+            codes.setdefault(c["source_hash"], c)
+    if codes:
+        out.append("fusepass code measured: " + "; ".join(
+            f"{c['source_hash']} (HEAD {c['git_head']}" + (f" + {c['uncommitted']} uncommitted files"
+                                                          if c["uncommitted"] else "") + ")"
+            for c in codes.values())
+            + (" — **the code changed during the run**: fusepass rows measured different versions"
+               if len(codes) > 1 else "") + ".")
+    if meta.get("merged"):
+        out.append("Merged from %d runs (a later run's rows replace an earlier one's): " % len(meta["merged"])
+                   + "; ".join(f"{m.get('started')}: {', '.join(m.get('models', {}))} "
+                               f"(load avg {m.get('machine', {}).get('loadavg_start', '?')} → "
+                               f"{m.get('machine', {}).get('loadavg_end', '?')})" for m in meta["merged"]) + ".")
     if meta.get("quiet_wait_s"):
         out.append(f"Waited {meta['quiet_wait_s'] / 60:.1f} min in total for the shared machine to be quiet.")
     out.append(f"fp32, torch.no_grad(), HF attention `{s.get('attn')}`; rounds {s.get('rounds')}, "
@@ -149,13 +166,13 @@ def targets(results, idx) -> list:
     """fusepass against issue #6's targets, per (model, batch) and overall."""
     groups = sorted({(r["model"], r["batch"]) for r in results}, key=lambda g: (g[1], g[0]))
     kinds = {r["model"]: r.get("kind", "cnn") for r in results}
-    rows, lat, spd, cmp_, rss = [], [], [], [], []
+    rows, lat, spd, cmp_, rss, bcmp = [], [], [], [], [], []
     for model, bs in groups:
         fp, ref, eager = (idx.get((model, bs, c)) for c in ("fusepass", REFERENCE, "eager"))
         if fp is None:
             continue
         if not _ok(fp):
-            rows.append(f"| {model} | {bs} | fusepass: {fp.get('status') or 'pending'} | | | | |")
+            rows.append(f"| {model} | {bs} | fusepass: {fp.get('status') or 'pending'} | | | | | |")
             continue
         goal = TARGET_LAT_TRANSFORMER if kinds.get(model) == "transformer" else TARGET_LAT_CNN
         cells = [model, str(bs)]
@@ -179,23 +196,41 @@ def targets(results, idx) -> list:
             cells.append("–")
         e = fp.get("max_rel_err", float("nan"))
         cells.append(f"{e:.1e} {_mark(e <= TARGET_REL_ERR)}")
+        fb, rb = ((x or {}).get("info", {}).get("backend_s") for x in (fp, ref))
+        if fb and rb:
+            cells.append(f"{fb:.2f} s / {rb:.1f} s = {fb / rb:.3f}×")
+            bcmp.append(fb / rb)
+        else:
+            cells.append("–")
         rows.append("| " + " | ".join(cells) + " |")
     if not rows:
         return []
     out = ["## fusepass against the targets", "",
            "| model | bs | latency fusepass / ind-frz | compile fusepass / ind-frz | peak RSS fusepass / ind-frz "
-           "| speedup vs eager | rel err (≤1e-4) |", "|---|---:|---|---|---|---:|---|", *rows, ""]
+           "| speedup vs eager | rel err (≤1e-4) | backend-only compile |", "|---|---:|---|---|---|---:|---|---|",
+           *rows, "",
+           "backend-only compile: seconds inside the torch.compile backend (Dynamo's "
+           "`call_user_compiler`), fusepass vs inductor_freezing — compile time without Dynamo's "
+           "own tracing, which both pay.", ""]
     g_lat, g_spd = geomean(lat), geomean(spd)
-    out.append(f"- geomean latency fusepass / inductor_freezing: **{_fmt(g_lat)}×** "
-               f"(target ≤ {TARGET_LAT_GEOMEAN}) {_mark(g_lat <= TARGET_LAT_GEOMEAN)}")
-    out.append(f"- geomean speedup of fusepass vs eager: **{_fmt(g_spd)}×** "
-               f"(target ≥ {TARGET_SPEEDUP_EAGER}) {_mark(g_spd >= TARGET_SPEEDUP_EAGER)}")
-    out.append(f"- compile time fusepass / inductor_freezing: geomean {_fmt(geomean(cmp_), '.3f')}×, "
-               f"worst {_fmt(max(cmp_) if cmp_ else None, '.3f')}× (target ≤ {TARGET_COMPILE})")
-    out.append(f"- peak RSS fusepass / inductor_freezing: worst {_fmt(max(rss) if rss else None)}× (target ≤ 1)")
+    if lat:
+        out.append(f"- geomean latency fusepass / inductor_freezing: **{_fmt(g_lat)}×** "
+                   f"(target ≤ {TARGET_LAT_GEOMEAN}) {_mark(g_lat <= TARGET_LAT_GEOMEAN)}")
+    if spd:
+        out.append(f"- geomean speedup of fusepass vs eager: **{_fmt(g_spd)}×** "
+                   f"(target ≥ {TARGET_SPEEDUP_EAGER}) {_mark(g_spd >= TARGET_SPEEDUP_EAGER)}")
+    if cmp_:
+        out.append(f"- compile time fusepass / inductor_freezing: geomean {_fmt(geomean(cmp_), '.3f')}×, "
+                   f"worst {_fmt(max(cmp_), '.3f')}× (target ≤ {TARGET_COMPILE})")
+    if bcmp:
+        out.append(f"- backend-only compile time fusepass / inductor_freezing: geomean "
+                   f"{geomean(bcmp):.3f}×, worst {max(bcmp):.3f}×")
+    if rss:
+        out.append(f"- peak RSS fusepass / inductor_freezing: worst {_fmt(max(rss))}× (target ≤ 1)")
     ind = [_med(idx[(m, b, REFERENCE)]) / _med(idx[(m, b, "eager")]) for m, b in groups
            if _ok(idx.get((m, b, REFERENCE))) and _ok(idx.get((m, b, "eager")))]
-    out.append(f"- for context, geomean speedup of inductor_freezing vs eager: {_fmt(1 / geomean(ind))}×")
+    if ind:
+        out.append(f"- for context, geomean speedup of inductor_freezing vs eager: {_fmt(1 / geomean(ind))}×")
     return out
 
 
@@ -286,7 +321,8 @@ def plot(data: dict, path: Path) -> bool:
             ax.set_ylabel("speedup vs eager")
             ax.set_title(f"batch {bs}: speedup vs eager (median, whiskers = IQR)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, ncol=min(4, len(configs)))
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=8, ncol=min(4, len(configs)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -305,6 +341,41 @@ def write(data: dict, out_dir: Path, png: bool = True) -> dict:
     return paths
 
 
-if __name__ == "__main__":  # re-render: python -m bench.report path/to/results.json
-    src = Path(sys.argv[1])
-    print(write(json.loads(src.read_text()), src.parent))
+def merge(datas: list) -> dict:
+    """Results of several runs as one: a later run's row replaces an earlier one with the
+    same (model, batch, config), in the earlier one's place (e.g. redo the conv nets on a
+    quiet machine). The first run's meta stays; ``meta["merged"]`` keeps every run's."""
+    out = {"meta": dict(datas[0]["meta"]), "results": []}
+    pos = {}
+    for d in datas:
+        for r in d["results"]:
+            key = (r["model"], r["batch"], r["config"])
+            row = {**r, "run": d["meta"].get("started")}
+            if key in pos:
+                out["results"][pos[key]] = row
+            else:
+                pos[key] = len(out["results"])
+                out["results"].append(row)
+    if len(datas) > 1:
+        out["meta"]["merged"] = [d["meta"] for d in datas]
+        out["meta"]["started"] = " + ".join(str(d["meta"].get("started")) for d in datas)
+        out["meta"]["quiet_wait_s"] = sum(d["meta"].get("quiet_wait_s") or 0 for d in datas)
+    return out
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m bench.report",
+                                description="re-render results.json (several: merged, later "
+                                            "runs' rows replacing earlier ones)")
+    p.add_argument("json", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, help="default: the folder of the (first) JSON")
+    args = p.parse_args(argv)
+    if len(args.json) > 1 and not args.out:
+        p.error("merging needs --out")
+    data = merge([json.loads(j.read_text()) for j in args.json])
+    print(write(data, args.out or args.json[0].parent))
+
+
+if __name__ == "__main__":
+    main()

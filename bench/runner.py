@@ -219,6 +219,29 @@ def wait_quiet(threshold: float, timeout: float, window: float = 1.0,
             tick(load)
 
 
+def source_state() -> dict:
+    """The fusepass code a worker is about to import: HEAD and a hash of the working tree's
+    fusepass/, passes/, patterns/ sources. The tree is shared and edited while the bench
+    runs, so each row records what it measured."""
+    import hashlib
+    h = hashlib.sha1()
+    for folder in ("fusepass", "passes", "patterns"):
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            h.update(str(f.relative_to(ROOT)).encode())
+            try:
+                h.update(f.read_bytes())
+            except OSError:
+                pass
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fusepass", "passes", "patterns"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        head, dirty = "?", []
+    return {"git_head": head, "uncommitted": len(dirty), "source_hash": h.hexdigest()[:10]}
+
+
 def latency_stats(ms: list) -> dict:
     import numpy as np
     a = np.asarray(ms, dtype=float)
@@ -306,6 +329,7 @@ class Runner:
         log_path = self.out_dir / "logs" / f"{job.model}_bs{job.batch}_{job.config}.log"
         job.result["log"] = str(log_path.relative_to(self.out_dir))
         self.quiet(job)
+        job.result["code"] = source_state()
         job.worker = Worker(self._spec(job), job.python, log_path, self.s)
         meter = CpuMeter(job.worker.proc.pid).start()
         t0 = time.monotonic()

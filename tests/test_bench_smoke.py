@@ -20,8 +20,8 @@ REQUIRED = {"model", "batch", "config", "status"}
 OK_FIELDS = {"latency_ms", "compile_s", "peak_rss_mb", "max_abs_err", "max_rel_err", "samples_ms"}
 
 
-def run_smoke(out: pathlib.Path, *extra: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_smoke(out: pathlib.Path, *extra: str, env_extra=None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--no-progress", "--ipex-python", "none",
          "--out", str(out), *extra],
@@ -63,6 +63,19 @@ def test_bench_smoke(tmp_path):
     fp = rows["fusepass"]["fusepass"]
     assert "error" not in fp, fp
     assert sum(fp["counts"].values()) > 0, "fusepass.explain reported no rewrite on TinyNet"
+
+
+def test_bench_survives_failing_configs(tmp_path):
+    """A config that raises and a worker that dies become error rows; the rest is measured."""
+    data = run_smoke(tmp_path, "--configs", "eager,eager_cl,fusepass",
+                     env_extra={"BENCH_INJECT_FAULT": "eager_cl:exit,fusepass:raise"})
+    rows = {r["config"]: r for r in data["results"]}
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["latency_ms"]["n"] == 2
+    assert rows["eager_cl"]["status"] == "error" and "exit code 3" in rows["eager_cl"]["error"]
+    assert rows["fusepass"]["status"] == "error" and rows["fusepass"]["stage"] == "compile"
+    assert "fault injected" in rows["fusepass"]["error"]
+    md = (tmp_path / "results.md").read_text()
+    assert "## Errors" in md and "fault injected" in md
 
 
 @pytest.mark.slow
