@@ -18,6 +18,7 @@ from fusepass.lowering import lower
 from fusepass.passes.fold_batchnorm import fold_batchnorm
 from fusepass.passes.fold_binary_constants import fold_binary_constants
 from fusepass.passes.fuse import fuse
+from fusepass.passes.inplace_pointwise import inplace_pointwise
 from fusepass.passes.prepack_weights import prepack_weights
 from fusepass.passes.propagate_layout import propagate_layout
 
@@ -27,9 +28,14 @@ PASSES = [
     ("fuse", fuse),
     ("propagate_layout", propagate_layout),
 ]
-# prepack_weights is target-specific and runs after lowering (run_pipeline), yet is a
-# pass name all the same, so disable=["prepack_weights"] is a valid option.
-PASS_NAMES = [name for name, _ in PASSES] + ["prepack_weights"]
+# After lowering (run_pipeline): prepack_weights is target-specific (it rewrites mkldnn
+# nodes only); inplace_pointwise gives up the IR's functional form, so it comes last.
+# Both are pass names all the same: disable=["inplace_pointwise"] is a valid option.
+POST_LOWERING = [
+    ("prepack_weights", prepack_weights),
+    ("inplace_pointwise", inplace_pointwise),
+]
+PASS_NAMES = [name for name, _ in PASSES] + [name for name, _ in POST_LOWERING]
 VERIFY = False
 
 
@@ -64,9 +70,10 @@ def run_pipeline(gm, options, report):
         gm = PassManager(passes=passes)(gm).graph_module
     gm = lower(gm, options, report)
     # oneDNN's blocked weight format only means something to the mkldnn kernels the onednn
-    # target emits: the pass rewrites those nodes and leaves any other graph alone.
-    if options.enabled("prepack_weights"):
-        gm = _guarded("prepack_weights", prepack_weights, options, report)(gm).graph_module
+    # target emits: prepack_weights rewrites those nodes and leaves any other graph alone.
+    for name, fn in POST_LOWERING:
+        if options.enabled(name):
+            gm = _guarded(name, fn, options, report)(gm).graph_module
     return gm
 
 

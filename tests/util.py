@@ -26,12 +26,18 @@ def assert_close(got, want, dtype=None, scale_by_output=True):
         torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=atol * scale)
 
 
-def histogram(gm) -> Counter:
-    """Counter of call_function targets by short name: {"mkldnn._convolution_pointwise": 2}."""
+def histogram(gm, exact: bool = False) -> Counter:
+    """Counter of call_function targets by short name: {"mkldnn._convolution_pointwise": 2}.
+    An elementwise op that ``inplace_pointwise`` made in place counts under its
+    functional name ("aten.add_" as "aten.add": which ops a graph runs, not where their
+    results live) unless ``exact``."""
+    from fusepass.passes.inplace_pointwise import TABLE
+    functional = {inplace: op for op, (inplace, _) in TABLE.items()}
     c = Counter()
     for n in gm.graph.nodes:
         if n.op == "call_function":
-            c[short(n.target)] += 1
+            target = n.target if exact else functional.get(n.target, n.target)
+            c[short(target)] += 1
     return c
 
 
