@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--omp-wait-policy", choices=["active", "passive"],
                    help="set OMP_WAIT_POLICY in the workers (default: leave it unset)")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="no tiny-net compile before the model: compile_s then includes the "
+                        "process's one-time torch.compile set-up (init_s stays empty)")
     p.add_argument("--min-free-gb", type=float, default=6.0)
     p.add_argument("--compile-timeout", type=float, default=1800.0)
     p.add_argument("--smoke", action="store_true",
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
                  quiet_timeout=0.0 if args.smoke else args.quiet_timeout,
                  quiet_budget=60.0 * args.quiet_budget,
                  retries=0 if args.smoke else args.retries,
-                 omp_wait_policy=args.omp_wait_policy)
+                 omp_wait_policy=args.omp_wait_policy, prewarm=not args.cold_compile)
     out = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 

@@ -57,6 +57,10 @@ class Settings:
     retries: int = 2
     omp_wait_policy: Optional[str] = None  # OMP_WAIT_POLICY for the workers; None: unset
     fresh_cache: bool = True  # a fresh Inductor cache per worker: compile time is cold
+    # before the model, compile the tiny net once with the same config and time it apart
+    # (init_s): compile_s is then the model's own compile, not the process's one-time
+    # imports and first-use set-up, which every torch.compile config pays once
+    prewarm: bool = True
     ipex_python: Optional[str] = None
 
 
@@ -286,7 +290,7 @@ class Runner:
     def _spec(self, job: Job) -> dict:
         return {"model": job.model, "batch": job.batch, "config": job.config,
                 "threads": self.s.threads, "seed": self.s.seed, "attn": self.s.attn,
-                "warmup": self.s.warmup, "warmup_s": self.s.warmup_s}
+                "warmup": self.s.warmup, "warmup_s": self.s.warmup_s, "prewarm": self.s.prewarm}
 
     def step(self, job: Job, settle: bool = False):
         n = (2 + self.s.rounds - job.steps) if settle else 1
