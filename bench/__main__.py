@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--omp-wait-policy", choices=["active", "passive"],
                    help="set OMP_WAIT_POLICY in the workers (default: leave it unset)")
+    p.add_argument("--malloc-retain", action="store_true",
+                   help="GLIBC_TUNABLES in every worker: large blocks from the heap, freed memory "
+                        "kept (no per-call page faults for fresh activations; same for all configs)")
     p.add_argument("--cold-compile", action="store_true",
                    help="no tiny-net compile before the model: compile_s then includes the "
                         "process's one-time torch.compile set-up (init_s stays empty)")
@@ -93,6 +98,17 @@ def machine_info() -> dict:
         mem = None
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem, "host": platform.node(),
             "python": platform.python_version(), "loadavg_start": _loadavg()}
+
+
+def measure_peak(threads: int) -> dict:
+    """bench.ceiling's peak GFLOP/s, measured in a child process with the workers'
+    thread count; an error is recorded, never fatal."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.ceiling", str(threads)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _loadavg() -> str:
@@ -132,7 +148,8 @@ def main(argv=None) -> int:
                  quiet_timeout=0.0 if args.smoke else args.quiet_timeout,
                  quiet_budget=60.0 * args.quiet_budget,
                  retries=0 if args.smoke else args.retries,
-                 omp_wait_policy=args.omp_wait_policy, prewarm=not args.cold_compile)
+                 omp_wait_policy=args.omp_wait_policy, prewarm=not args.cold_compile,
+                 malloc_retain=args.malloc_retain)
     out = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -164,8 +181,11 @@ def main(argv=None) -> int:
                 job = Job(model, bs, c, envs[cfg.env]["python"], result=row)
                 jobs.append(job)
                 results.append(row)
+    machine = machine_info()
+    if not args.smoke:  # the measured fp32 peak, in a process of its own (bench/ceiling.py)
+        machine["peak"] = measure_peak(s.threads)
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:] if argv is None else argv,
-            "machine": machine_info(), "envs": envs, "settings": settings_dict(s),
+            "machine": machine, "envs": envs, "settings": settings_dict(s),
             "models": {m: MODELS[m].description for m in models},
             "configs": {c: CONFIGS[c].description for c in configs}}
     data = {"meta": meta, "results": results}

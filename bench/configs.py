@@ -129,6 +129,20 @@ def make_fusepass(model, inputs):
     return fn, _dynamo_info
 
 
+def _dynamo_graph(gm, example_inputs):
+    """The backend that compiles nothing: Dynamo's captured graph runs as it is."""
+    return gm.forward
+
+
+def make_dynamo_only(model, inputs):
+    """torch.compile with a backend that returns Dynamo's graph unchanged: what every
+    torch.compile backend pays before and around its own work (bytecode tracing with fake
+    tensors, guards on every call). Its compile time is the floor of any backend's, and
+    its latency is eager's plus Dynamo's per-call overhead."""
+    fn = torch.compile(model, backend=_dynamo_graph)
+    return fn, _dynamo_info
+
+
 def make_ipex_jit(model, inputs):
     """IPEX's fastest fp32 path (IPEX_ENV.md): ipex.optimize with sample_input, then
     torch.jit.trace + torch.jit.freeze. On a deep copy: ipex.optimize changes the original
@@ -164,6 +178,9 @@ CONFIGS = {c.name: c for c in [
            "torch.compile (Inductor) with torch._inductor.config.freezing = True",
            make_inductor_freezing),
     Config("fusepass", "main", 'torch.compile(backend="fusepass")', make_fusepass),
+    Config("dynamo_only", "main",
+           "torch.compile with a backend that returns Dynamo's graph as it is: the floor of "
+           "any backend's compile time and per-call overhead", make_dynamo_only),
     Config("eager_ipexenv", "ipex", "eager PyTorch in the IPEX env (torch 2.8): IPEX's baseline",
            make_eager),
     Config("ipex_jit", "ipex", "ipex.optimize(sample_input=) + torch.jit.trace + jit.freeze",

@@ -154,6 +154,14 @@ def main(argv) -> int:
             stage = "eager reference"
             ref = model(*inputs)
             out_std = check_output(ref, "eager output")
+            gflop = None
+            if spec["config"] == "eager":  # the model's arithmetic, once per (model, batch)
+                stage = "flop count"
+                try:
+                    from bench.ceiling import model_gflop
+                    gflop = model_gflop(model, inputs)
+                except Exception as e:  # the timing stands without it
+                    print(f"flop count failed: {type(e).__name__}: {e}", file=sys.stderr)
             init_s = None
             if spec.get("prewarm") and spec["model"] != "tiny":
                 stage = "prewarm"
@@ -184,6 +192,7 @@ def main(argv) -> int:
                 times.append(time.perf_counter() - t0)
         tail = sorted(times[len(times) // 2:])
         ch.send(event="ready", build_s=build_s, compile_s=compile_s, init_s=init_s, out_std=out_std,
+                gflop=gflop,
                 rss_before_compile_mb=rss_before, info=info, torch=torch.__version__,
                 warmup_iters=len(times), est_ms=1000 * tail[len(tail) // 2], **err)
 

@@ -123,7 +123,8 @@ def markdown(data: dict) -> str:
     out.append(f"fp32, torch.no_grad(), HF attention `{s.get('attn')}`; rounds {s.get('rounds')}, "
                f"iters/round {s.get('iters') or 'auto (~%s s per config per round)' % s.get('round_time')}, "
                f"fresh Inductor cache per worker: {s.get('fresh_cache')}; "
-               f"OMP_WAIT_POLICY {s.get('omp_wait_policy') or 'unset (libgomp default: spin, then sleep)'}.")
+               f"OMP_WAIT_POLICY {s.get('omp_wait_policy') or 'unset (libgomp default: spin, then sleep)'}; "
+               f"glibc malloc {'retaining freed memory (--malloc-retain)' if s.get('malloc_retain') else 'default'}.")
     out += ["", "## Results", "",
             "Latency: median over all timed calls, IQR = q3 − q1 (ms). speedup = eager median / "
             "config median; vs ind-frz = config median / inductor_freezing median (lower is better). "
@@ -155,6 +156,7 @@ def markdown(data: dict) -> str:
             _fmt(r.get("background_cores_mean") if ok else None, ".2f"),
             _notes(r, idx)]) + " |")
     out += ["", *targets(results, idx)]
+    out += ceiling_section(results, idx, m.get("peak") or {})
     out += fusepass_section(results)
     out += profile_section(results)
     errs = [r for r in results if r.get("status") == "error"]
@@ -246,6 +248,52 @@ def targets(results, idx) -> list:
     if ind:
         out.append(f"- for context, geomean speedup of inductor_freezing vs eager: {_fmt(1 / geomean(ind))}×")
     return out
+
+
+FLOOR = "dynamo_only"  # torch.compile with a do-nothing backend (bench/configs.py)
+
+
+def ceiling_section(results, idx, peak: dict) -> list:
+    """What the machine and Dynamo allow at best: each model's arithmetic rate against the
+    measured fp32 peak (bench/ceiling.py), and the compile-time floor any torch.compile
+    backend stands on (the dynamo_only config)."""
+    groups = sorted({(r["model"], r["batch"]) for r in results}, key=lambda g: (g[1], g[0]))
+    top = peak.get("peak_gflops")
+    rows = []
+    for model, bs in groups:
+        eager, ref, fp, floor = (idx.get((model, bs, c)) for c in ("eager", REFERENCE, "fusepass", FLOOR))
+        gflop = (eager or {}).get("gflop")
+        cells = [model, str(bs), _fmt(gflop, ".1f")]
+        for r in (ref, fp):
+            rate = gflop / (_med(r) / 1e3) if gflop and _ok(r) else None
+            share = f" ({100 * rate / top:.0f} %)" if rate and top else ""
+            cells.append(_fmt(rate, ".0f") + share)
+        need = gflop / (0.9 * _med(ref) / 1e3) if gflop and _ok(ref) else None
+        cells.append(f"{100 * need / top:.0f} %" if need and top else "–")
+        if _ok(floor) and _ok(ref):
+            cells.append(f"{floor['compile_s']:.2f} / {ref['compile_s']:.1f} s = "
+                         f"{floor['compile_s'] / ref['compile_s']:.3f}×")
+        else:
+            cells.append("–")
+        cells.append(f"{_med(floor) / _med(eager):.2f}×" if _ok(floor) and _ok(eager) else "–")
+        if gflop or _ok(floor):
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = (f"measured fp32 peak {top:.0f} GFLOP/s (sgemm {peak.get('sgemm_gflops')}, "
+            f"oneDNN 3×3 conv {peak.get('conv_gflops')}; bench/ceiling.py)" if top else
+            "no peak measured (--smoke, or bench/ceiling.py failed: "
+            f"{peak.get('error', 'not run')})")
+    return ["", "## What the machine and Dynamo allow", "",
+            f"GFLOP: one forward, torch's FlopCounterMode; rates are GFLOP / median latency, "
+            f"against the {head}. 0.9× needs: the share of the peak a config 10 % faster than "
+            f"inductor_freezing would have to reach. Compile floor: the {FLOOR} config's "
+            "compile time (Dynamo's tracing and a backend that does nothing) over "
+            "inductor_freezing's: no backend's compile ratio can be lower. dynamo_only / eager latency: "
+            f"{FLOOR}'s latency over eager's.", "",
+            "| model | bs | GFLOP | ind-frz GFLOP/s (of peak) | fusepass GFLOP/s (of peak) "
+            "| 0.9× ind-frz needs | compile floor | dynamo_only / eager latency |",
+            "|---|---:|---:|---:|---:|---:|---|---:|", *rows]
 
 
 def fusepass_section(results) -> list:
