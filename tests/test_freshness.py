@@ -184,3 +184,26 @@ def test_folded_graph_holds_no_alias_of_a_user_tensor():
     user = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
     consts = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     assert consts and all(c.untyped_storage().data_ptr() not in user for c in consts)
+
+
+def test_stats_watch_compares_bitwise_and_sees_every_write():
+    """The per-call BatchNorm-statistics check: reads live memory (no copy) for contiguous
+    means, copies a strided one per call, compares bits (a NaN equals itself, -0.0 does
+    not equal 0.0), and snapshots each tensor when it is added, not on first check."""
+    from fusepass.compiled import StatsWatch
+    dense = torch.tensor([1.0, float("nan"), 0.0])
+    strided = torch.arange(8.0)[::2]  # not one contiguous block
+    full = [dense, strided]
+    watch = StatsWatch()
+    watch.add(0, dense)
+    watch.add(1, strided)
+    watch.add(0, dense)  # a second add of the same arg is a no-op
+    dense[2] = -0.0  # written after add, before the first check: must be seen
+    assert not watch.unchanged(full)
+    dense[2] = 0.0
+    assert watch.unchanged(full) and watch.unchanged(full)  # NaN included, unchanged
+    strided[1] += 1
+    assert not watch.unchanged(full)
+    strided[1] -= 1
+    assert watch.unchanged(full)
+    assert StatsWatch().unchanged(full)  # nothing watched: nothing to see
