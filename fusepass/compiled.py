@@ -176,7 +176,8 @@ class Compiled:
             cap = capture(self.lifted, full, freeze=True)
             for i in bn_statistics(cap.gm, self.lifted.weights):
                 self.stats.add(i, full[i])
-            gm = run_pipeline(cap.gm, self.options, report)
+            gm = run_pipeline(cap.gm, self.options, report,
+                              recapture=lambda: capture(self.lifted, full, freeze=True).gm)
         except Exception as e:
             return self.unoptimized(report, f"{type(e).__name__}: {e}; running unoptimized", "fallback")
         gm.fusepass_report = report

@@ -223,6 +223,44 @@ def test_an_exception_in_a_pass_is_contained(monkeypatch):
         assert_close(gm(x), m(x))
 
 
+def _corrupting(gm, *, options, report):
+    """A pass that breaks the graph halfway, then raises: every call_function's output
+    is cut off from its users before the exception."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.users:
+            n.replace_all_uses_with(next(iter(gm.graph.nodes)))
+            break
+    gm.recompile()
+    raise RuntimeError("halfway")
+
+
+@pytest.mark.parametrize("where", ["before fuse", "after lowering"])
+def test_a_pass_failing_halfway_is_undone_and_the_rest_still_runs(monkeypatch, where):
+    """Undo by recapture and replay (the runtime's path): the graph the later passes see
+    is the one before the failed pass, so the result is both correct and as optimized."""
+    import fusepass.pipeline as pipeline
+    if where == "before fuse":
+        i = [n for n, _ in pipeline.PASSES].index("fuse")
+        monkeypatch.setattr(pipeline, "PASSES", pipeline.PASSES[:i] + [("corrupting", _corrupting)]
+                            + pipeline.PASSES[i:])
+    else:
+        monkeypatch.setattr(pipeline, "POST_LOWERING", [("corrupting", _corrupting)]
+                            + pipeline.POST_LOWERING)
+    torch.manual_seed(0)
+    m = MLPBlock().eval()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(m, backend="fusepass")(x)
+        gm = optimize(m, [x])
+        assert_close(got, want)
+        assert_close(gm(x), want)
+    errors = gm.fusepass_report.where(action="error")
+    assert [e.stage for e in errors] == ["corrupting"] and "halfway" in errors[0].reason
+    assert gm.fusepass_report.counts == MLP_COUNTS
+    assert not gm.fusepass_report.fell_back
+
+
 def test_backend_found_through_entry_point_without_import():
     code = textwrap.dedent("""
         import sys, torch
