@@ -192,5 +192,5 @@ CONFIGS = {c.name: c for c in [
 DEFAULT_CONFIGS = list(CONFIGS)
 # Inductor's cold compile of even the tiny net takes 20-45 s here: not in the CI smoke
 # (tests/test_bench_smoke.py has an opt-in test that adds it).
-SMOKE_CONFIGS = ["eager", "eager_cl", "fusepass"]
+SMOKE_CONFIGS = ["eager", "eager_cl", "fusepass", "dynamo_only"]
 REFERENCE = "inductor_freezing"  # the config fusepass's targets are measured against

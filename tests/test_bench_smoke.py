@@ -59,10 +59,29 @@ def check_well_formed(data: dict, out: pathlib.Path, configs: list):
 
 def test_bench_smoke(tmp_path):
     data = run_smoke(tmp_path)
-    rows = check_well_formed(data, tmp_path, ["eager", "eager_cl", "fusepass"])
+    rows = check_well_formed(data, tmp_path, ["eager", "eager_cl", "fusepass", "dynamo_only"])
     fp = rows["fusepass"]["fusepass"]
     assert "error" not in fp, fp
     assert sum(fp["counts"].values()) > 0, "fusepass.explain reported no rewrite on TinyNet"
+    assert rows["eager"]["gflop"] > 0 and rows["dynamo_only"]["max_abs_err"] == 0.0
+    md = (tmp_path / "results.md").read_text()
+    ceiling = md[md.index("## What the machine and Dynamo allow"):]
+    assert "| tiny | 1 |" in ceiling and "no peak measured" in ceiling  # --smoke skips the peak
+
+
+def test_ceiling_counts_flops_and_measures_a_peak():
+    """The arithmetic of one conv + linear by hand (2 flops a multiply-add), and a peak
+    that is the best of the two measured kernels."""
+    import torch
+    from bench.ceiling import model_gflop, peak_gflops
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 10 * 10, 5))
+    x = torch.randn(2, 3, 10, 10)
+    want = 2 * (2 * 8 * 10 * 10 * 3 * 3 * 3) + 2 * (2 * 800 * 5)
+    assert abs(model_gflop(m, (x,)) * 1e9 - want) < 1
+    peak = peak_gflops(threads=1)
+    assert peak["sgemm_gflops"] > 1 and peak["conv_gflops"] > 1
+    assert peak["peak_gflops"] == max(peak["sgemm_gflops"], peak["conv_gflops"])
 
 
 def test_bench_survives_failing_configs(tmp_path):
