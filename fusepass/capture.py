@@ -13,7 +13,7 @@ args are the weights, so the backend and ``optimize`` share everything after tha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -34,10 +34,16 @@ _GRAD_ON = {torch._C._set_grad_enabled}
 
 @dataclass
 class Lifted:
-    """A graph as a function of flat positional args; ``weights`` maps arg index -> name."""
+    """A graph as a function of flat positional args; ``weights`` maps arg index -> name.
+    ``attrs`` are weights the graph holds itself (``get_attr`` of real tensors): Dynamo
+    installs parameters and buffers that way instead of lifting them when Inductor's
+    freezing flag is on (``torch._inductor.config.freezing`` under no_grad) or
+    ``torch._dynamo.config.prepare_freezing`` is set. They are constants to capture as
+    they are, so the runtime must watch them by reference."""
     fn: Callable
     weights: dict  # int -> source name ("conv1.weight", "L['self']._modules[...]")
     graph: fx.Graph | None  # the torch-level graph, for the grad-mode analysis
+    attrs: dict = field(default_factory=dict)  # get_attr target -> the tensor it holds
 
 
 def lift_dynamo(gm: fx.GraphModule, example_inputs) -> Lifted:
@@ -50,7 +56,20 @@ def lift_dynamo(gm: fx.GraphModule, example_inputs) -> Lifted:
         src = src() if callable(src) else src
         if isinstance(ex, torch.nn.Parameter) or "._parameters[" in src or "._buffers[" in src:
             weights[i] = src or n.name
-    return Lifted(gm, weights, gm.graph)
+    return Lifted(gm, weights, gm.graph, graph_attrs(gm))
+
+
+def graph_attrs(gm: fx.GraphModule) -> dict:
+    """The tensors a graph's ``get_attr`` nodes read, by target."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target not in out:
+            obj = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, torch.Tensor):
+                out[n.target] = obj
+    return out
 
 
 def lift_module(gm: torch.nn.Module) -> tuple[Lifted, Callable[[], list]]:
@@ -83,7 +102,8 @@ def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[boo
     Grad mode is followed through the graph, so ``torch.no_grad()`` entered *inside* the
     compiled function counts (pytorch#125474)."""
     needs_grad = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad}
-    if not needs_grad:
+    attrs_grad = {k for k, t in lifted.attrs.items() if t.requires_grad}
+    if not needs_grad and not attrs_grad:
         return True, "no input or parameter requires grad"
     if not torch.is_grad_enabled():
         return True, "grad is disabled"
@@ -93,6 +113,7 @@ def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[boo
         return False, "grad is enabled and parameters require grad"
     placeholders = [n for n in lifted.graph.nodes if n.op == "placeholder"]
     tainted = {placeholders[i] for i in needs_grad if i < len(placeholders)}
+    tainted |= {n for n in lifted.graph.nodes if n.op == "get_attr" and n.target in attrs_grad}
     enabled = True
     for n in lifted.graph.nodes:
         if n.op == "call_function" and n.target in _GRAD_ON:

@@ -11,6 +11,10 @@ each source weight with the snapshot the variants were built from (pytorch#10498
     statistics in a training-mode step without bumping their version counter (its schema
     does not declare the write), and they are small, so they are compared by value (the
     variance is updated with the mean, so the mean tells for both).
+Weights the graph holds itself (Dynamo installs them as ``get_attr`` under Inductor's
+freezing flag or ``prepare_freezing``) are watched by reference the same way (a replaced
+Parameter makes Dynamo recompile: it guards their identity then); their small buffers are
+compared by value, BatchNorm statistics among them.
 Any difference drops the variants. Writes through ``p.data`` (a tensor with its own
 version counter) and to inference tensors (no version counter) remain invisible.
 Shapes, strides and dtypes of the other inputs key the variants, so a graph optimized
@@ -57,6 +61,9 @@ def bn_statistics(gm: fx.GraphModule, weights: dict) -> list:
     return [i for i, name in weights.items() if name in names]
 
 
+WATCH_BY_VALUE_BYTES = 1 << 20  # a graph-attribute buffer up to this size is compared by value
+
+
 def _byte_view(t: torch.Tensor):
     """``t``'s bytes as a numpy uint8 array and whether that array is a copy: a view of
     ``t``'s own memory when ``t`` is one contiguous block, else a copy (made anew per call)."""
@@ -66,35 +73,34 @@ def _byte_view(t: torch.Tensor):
 
 
 class StatsWatch:
-    """BatchNorm running means as they were when folded, compared bitwise (NaN included)
-    on every call. Their memory is read through numpy views made once, gathered by one
+    """BatchNorm running means (and, for weights a graph holds as attributes, its small
+    buffers) as they were when folded, compared bitwise (NaN included) on every call. Their memory is read through numpy views made once, gathered by one
     ``bytes.join`` and compared by one memcmp: EfficientNet-B0's 49 means, caches cold as
     they are after the graph ran, 145 us per call with ``torch.cat`` + numpy, ~40 us so.
     A view stays valid while its tensor keeps its memory, which the data-pointer check
     ahead of this one guarantees (a new ``p.data`` drops the variants and this watch)."""
 
     def __init__(self):
-        self.idx: list = []  # arg indices of the watched tensors
-        self.views: list = []  # numpy views, or None for a strided tensor (copied per call)
+        self.keys: list = []  # what each watched tensor is (an arg index, a graph attribute)
+        self.views: list = []  # numpy views, or the tensor itself when strided (copied per call)
         self.parts: list = []  # their bytes when folded
         self.want = None
 
-    def add(self, i: int, t: torch.Tensor):
-        if i in self.idx:
+    def add(self, key, t: torch.Tensor):
+        if key in self.keys:
             return
         view, copied = _byte_view(t)
-        self.idx.append(i)
-        self.views.append(None if copied else view)
+        self.keys.append(key)
+        self.views.append(t if copied else view)
         self.parts.append(view.copy())
         self.want = None
 
-    def unchanged(self, full) -> bool:
-        if not self.idx:
+    def unchanged(self) -> bool:
+        if not self.keys:
             return True
         if self.want is None:
             self.want = b"".join(self.parts)
-        views = [v if v is not None else _byte_view(full[i])[0]
-                 for i, v in zip(self.idx, self.views)]
+        views = [v if isinstance(v, np.ndarray) else _byte_view(v)[0] for v in self.views]
         return b"".join(views) == self.want
 
 
@@ -118,7 +124,7 @@ class Compiled:
         self.weights_getter = weights_getter  # optimize(): weights are read from the module
         self.eval_mode = eval_mode
         self.variants: dict = {}
-        self.snapshot = None  # (source weights, their data_ptrs, versioned ones, versions)
+        self.snapshot = None  # (lifted weights, all watched, data_ptrs, versioned ones, versions)
         self._weight_idx: list = []
         self.stats = StatsWatch()
         self.history = Report()  # refolds and fallbacks across variants
@@ -136,12 +142,12 @@ class Compiled:
         lists (EfficientNet-B0, 360 weights and 49 BatchNorm means: ~0.2 ms per call)."""
         if self.snapshot is None:
             return False
-        tensors, ptrs, versioned, versions = self.snapshot
-        if not all(map(operator.is_, map(full.__getitem__, self._weight_idx), tensors)):
+        weights, tensors, ptrs, versioned, versions = self.snapshot
+        if not all(map(operator.is_, map(full.__getitem__, self._weight_idx), weights)):
             return False
         if [t.data_ptr() for t in tensors] != ptrs or [t._version for t in versioned] != versions:
             return False
-        return self.stats.unchanged(full)
+        return self.stats.unchanged()
 
     def variant(self, full) -> Variant:
         if not self.fresh(full):
@@ -152,9 +158,17 @@ class Compiled:
             self.stats = StatsWatch()  # BN running means, as each build folds them
             self._weight_idx = list(self.lifted.weights)
             weights = [full[i] for i in self._weight_idx]
-            versioned = [t for t in weights if not t.is_inference()]  # others have no counter
-            self.snapshot = (weights, [t.data_ptr() for t in weights], versioned,
+            # weights the graph holds as attributes are the same tensors on every call:
+            # no identity to compare, but their memory, versions and (buffers) values
+            tensors = weights + list(self.lifted.attrs.values())
+            versioned = [t for t in tensors if not t.is_inference()]  # others have no counter
+            self.snapshot = (weights, tensors, [t.data_ptr() for t in tensors], versioned,
                              [t._version for t in versioned])
+            for name, t in self.lifted.attrs.items():
+                # buffers by value: BatchNorm statistics among them (which one is, the
+                # torch-level graph does not say cheaply); large ones by version only
+                if not isinstance(t, torch.nn.Parameter) and t.nbytes <= WATCH_BY_VALUE_BYTES:
+                    self.stats.add(name, t)
         key = signature(full, self.lifted.weights)
         v = self.variants.get(key)
         if v is None:
@@ -172,6 +186,11 @@ class Compiled:
         if not frozen:
             return self.unoptimized(report, why)
         report.record("capture", "-", "-", "info", f"weights frozen: {why}")
+        if self.lifted.attrs:
+            report.record("capture", "-", "-", "info",
+                          f"{len(self.lifted.attrs)} weight(s) are graph attributes (Dynamo "
+                          "does that under Inductor's freezing flag or prepare_freezing): "
+                          "watched by reference, buffers by value")
         try:
             cap = capture(self.lifted, full, freeze=True)
             for i in bn_statistics(cap.gm, self.lifted.weights):

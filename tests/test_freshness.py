@@ -199,11 +199,49 @@ def test_stats_watch_compares_bitwise_and_sees_every_write():
     watch.add(1, strided)
     watch.add(0, dense)  # a second add of the same arg is a no-op
     dense[2] = -0.0  # written after add, before the first check: must be seen
-    assert not watch.unchanged(full)
+    assert not watch.unchanged()
     dense[2] = 0.0
-    assert watch.unchanged(full) and watch.unchanged(full)  # NaN included, unchanged
+    assert watch.unchanged() and watch.unchanged()  # NaN included, unchanged
     strided[1] += 1
-    assert not watch.unchanged(full)
+    assert not watch.unchanged()
     strided[1] -= 1
-    assert watch.unchanged(full)
-    assert StatsWatch().unchanged(full)  # nothing watched: nothing to see
+    assert watch.unchanged()
+    assert StatsWatch().unchanged()  # nothing watched: nothing to see
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__)
+def test_weights_dynamo_installs_as_graph_attributes_stay_fresh(change):
+    """With Inductor's freezing flag on (a process that also compiles with Inductor, say),
+    Dynamo gives every backend a graph that holds parameters and buffers as ``get_attr``
+    instead of lifted inputs. fusepass folds them all the same and watches them by
+    reference: an in-place update or a BatchNorm training step is seen (it used to serve
+    the stale folded weights), a replaced Parameter makes Dynamo recompile."""
+    import torch._inductor.config as inductor_config  # a ConfigModule: patch, not monkeypatch
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        m, compiled = via_backend(ConvBNChain().eval())
+        before = m(X)
+        assert_close(compiled(X), before)
+        rep = fusepass.explain(m, X)
+        assert rep.counts.get("fold.bn.conv") == 1, rep
+        assert any("graph attributes" in d.reason for d in rep.decisions), rep
+        change(m)
+        after = m(X)
+        assert (after - before).abs().max() > 0.1, "the change must change the output"
+        assert_close(compiled(X), after)
+        assert_close(compiled(X), after)
+
+
+def test_graph_attribute_weights_that_require_grad_are_not_frozen():
+    """prepare_freezing makes Dynamo install parameters as graph attributes even with
+    grad on: they must count as grad-requiring tensors, so nothing is frozen and the
+    gradient reaches the parameters."""
+    torch._dynamo.reset()
+    m = ConvBNChain().eval()
+    with torch._dynamo.config.patch(prepare_freezing=True):
+        y = torch.compile(m, backend="fusepass")(X)
+    y.square().sum().backward()
+    got = m.conv.weight.grad.clone()
+    m.zero_grad()
+    m(X).square().sum().backward()
+    assert got.abs().max() > 0
+    assert_close(got, m.conv.weight.grad)
