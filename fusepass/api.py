@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from fusepass.capture import lift_module
 from fusepass.compiled import Compiled
+from fusepass.ir import pin_constants
 from fusepass.options import Options
 from fusepass.report import Report
 
@@ -41,7 +42,7 @@ def optimize(gm: torch.nn.Module, example_inputs, **options) -> torch.nn.Module:
     if v.gm is None:
         gm.fusepass_report = v.report
         return gm
-    out = OptimizedGraphModule(v.gm, v.gm.graph, class_name="FusepassGraphModule")
+    out = pin_constants(OptimizedGraphModule(v.gm, v.gm.graph, class_name="FusepassGraphModule"))
     out.__dict__["_fusepass"] = compiled
     out.fusepass_report = v.report
     return out

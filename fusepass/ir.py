@@ -107,6 +107,21 @@ def erase_dead(gm: fx.GraphModule, nodes):
             gm.graph.erase_node(n)
 
 
+def pin_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make the final graph's constants plain instance attributes instead of buffers.
+
+    fx's generated ``forward`` reads every constant as ``self.<name>`` on every call; a
+    buffer is found only by ``nn.Module.__getattr__``, a Python function (EfficientNet-B0's
+    164 constants: 116 us per call, hot), an instance attribute by a dict hit (8 us).
+    Only for the finished graph: passes find constants among the buffers, and nothing
+    needs a compiled graph's constants as buffers (no state_dict; prepacked weights tie
+    it to its device anyway)."""
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target in gm._buffers:
+            gm.__dict__[n.target] = gm._buffers.pop(n.target)
+    return gm
+
+
 def delete_unused_attrs(gm: fx.GraphModule):
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [k for k in gm._buffers if k.startswith("_fp_")]:

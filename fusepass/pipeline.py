@@ -15,6 +15,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fusepass.ir import pin_constants
 from fusepass.lowering import lower
 from fusepass.passes.fold_batchnorm import fold_batchnorm
 from fusepass.passes.fold_binary_constants import fold_binary_constants
@@ -105,7 +106,7 @@ def run_pipeline(gm, options, report, recapture=None):
     for name, fn in POST_LOWERING:
         if options.enabled(name):
             gm = undo.step(name, fn, report)(gm).graph_module
-    return gm
+    return pin_constants(gm)
 
 
 def verify(gm, after: str):

@@ -261,6 +261,22 @@ def test_a_pass_failing_halfway_is_undone_and_the_rest_still_runs(monkeypatch, w
     assert not gm.fusepass_report.fell_back
 
 
+def test_a_finished_graph_reads_its_constants_as_plain_attributes():
+    """fusepass.ir.pin_constants: no nn.Module.__getattr__ per constant per call, through
+    optimize() and through the backend's variants; outputs unchanged."""
+    torch.manual_seed(0)
+    m = MLPBlock().eval()
+    x = torch.randn(2, 7, 32)
+    gm = optimize(m, [x])
+    graphs = [gm] + [v.gm for v in gm.__dict__["_fusepass"].variants.values()]
+    for g in graphs:
+        targets = [n.target for n in g.graph.nodes if n.op == "get_attr"]
+        assert targets
+        assert all(t in g.__dict__ and t not in g._buffers for t in targets), targets
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
+
+
 def test_backend_found_through_entry_point_without_import():
     code = textwrap.dedent("""
         import sys, torch

@@ -45,7 +45,10 @@ def x_of(batch, c=3, size=8, fmt=torch.contiguous_format):
 
 
 def packed_buffers(gm) -> dict:
-    return {k: v for k, v in gm.named_buffers() if v.is_mkldnn}
+    """The prepacked weights the graph reads (constants of a finished graph are plain
+    attributes, not buffers: fusepass.ir.pin_constants)."""
+    consts = {n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    return {k: v for k, v in consts.items() if v.is_mkldnn}
 
 
 def report_bytes(report) -> int:
