@@ -106,6 +106,8 @@ def measure_peak(threads: int) -> dict:
     try:
         out = subprocess.run([sys.executable, "-m", "bench.ceiling", str(threads)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            return {"error": f"exit code {out.returncode}: {out.stderr.strip()[-500:]}"}
         return json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"}

@@ -74,32 +74,29 @@ def _byte_view(t: torch.Tensor):
 
 class StatsWatch:
     """BatchNorm running means (and, for weights a graph holds as attributes, its small
-    buffers) as they were when folded, compared bitwise (NaN included) on every call. Their memory is read through numpy views made once, gathered by one
-    ``bytes.join`` and compared by one memcmp: EfficientNet-B0's 49 means, caches cold as
-    they are after the graph ran, 145 us per call with ``torch.cat`` + numpy, ~40 us so.
-    A view stays valid while its tensor keeps its memory, which the data-pointer check
-    ahead of this one guarantees (a new ``p.data`` drops the variants and this watch)."""
+    buffers) as they were when folded, compared bitwise (NaN included) on every call.
+    Their memory is read through numpy views made once, gathered by one ``bytes.join``
+    and compared by one memcmp: EfficientNet-B0's 49 means, caches cold as they are after
+    the graph ran, 145 us per call with ``torch.cat`` + numpy, ~40 us so. A view stays
+    valid while its tensor keeps its memory, which the data-pointer check ahead of this
+    one guarantees (a new ``p.data`` drops the variants and this watch)."""
 
     def __init__(self):
-        self.keys: list = []  # what each watched tensor is (an arg index, a graph attribute)
+        self.keys: set = set()  # what is watched (an arg index, a graph attribute's name)
         self.views: list = []  # numpy views, or the tensor itself when strided (copied per call)
-        self.parts: list = []  # their bytes when folded
-        self.want = None
+        self.want = b""  # their bytes when folded, in the order of views
 
     def add(self, key, t: torch.Tensor):
         if key in self.keys:
             return
         view, copied = _byte_view(t)
-        self.keys.append(key)
+        self.keys.add(key)
         self.views.append(t if copied else view)
-        self.parts.append(view.copy())
-        self.want = None
+        self.want += view.tobytes()
 
     def unchanged(self) -> bool:
-        if not self.keys:
+        if not self.views:
             return True
-        if self.want is None:
-            self.want = b"".join(self.parts)
         views = [v if isinstance(v, np.ndarray) else _byte_view(v)[0] for v in self.views]
         return b"".join(views) == self.want
 
