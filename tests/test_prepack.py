@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.util import assert_close, optimize
+from tests.util import assert_close, needs_native_bf16, optimize
 
 mkldnn = torch.ops.mkldnn
 
@@ -156,6 +156,7 @@ def test_reference_lowering_has_nothing_to_pack():
     assert opt.fusepass_report.where(stage="prepack_weights") == []
 
 
+@needs_native_bf16
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_bf16_packed(fmt):
     torch.manual_seed(0)

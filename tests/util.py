@@ -3,10 +3,19 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 from hypothesis import settings
 
 import fusepass
+
+# What the CPU runs natively decides which kernels exist: oneDNN's bf16 kernels need
+# avx512bw/vl/dq or avx_ne_convert (an AVX2-only Zen 3 has neither). A test that needs
+# them asks with this mark, and says why when it skips.
+NATIVE_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+needs_native_bf16 = pytest.mark.skipif(
+    not NATIVE_BF16, reason="CPU lacks native bf16 (oneDNN's bf16 kernels need avx512bw/vl/dq "
+    "or avx_ne_convert)")
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float64: (1e-9, 1e-9),
        torch.float16: (1e-2, 1e-2)}
