@@ -21,7 +21,7 @@ def run_fold_rows(gm, prefixes, stage: str, options, report) -> PassResult:
     """Apply the enabled table rows named ``prefix*`` to a fixpoint, then evaluate the new
     weights; the body of both fold passes."""
     rules = [r for p in prefixes for r in TABLE.select(p) if options.enabled(r.name)]
-    changed = apply_rules(gm, rules, report, stage=stage, max_rounds=64)
+    changed = apply_rules(gm, rules, report, stage=stage, max_rounds=options.fold_rounds)
     if changed:  # the engine evaluated the new weights; drop the ones a later fold replaced
         delete_unused_attrs(gm)
         gm.graph.lint()

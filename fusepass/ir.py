@@ -91,6 +91,19 @@ def infer_meta(gm: fx.GraphModule, node: fx.Node):
             node.meta["val"] = node.target(*args, **kwargs)
 
 
+def emit(gm: fx.GraphModule, node: fx.Node, target, args, kwargs=None, note=None) -> fx.Node:
+    """Replace ``node`` by a call of ``target``: a kernel computing the same value, so it
+    takes the node's meta (value, layout); ``note`` says why lowering chose that form."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, tuple(args), kwargs or {})
+    new.meta.update(node.meta)
+    if note:
+        new.meta["fusepass_lowering_note"] = note
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def users_outside(node: fx.Node, inside: set) -> list:
     return [u for u in node.users if u not in inside]
 

@@ -12,50 +12,15 @@ names take their scalar parameters, in order, from the flat ``scalars`` list.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
+from fusepass.postops import REGISTRY
+
 aten = torch.ops.aten
 
-
-@dataclass(frozen=True)
-class PostOp:
-    name: str
-    arity: int  # how many entries of `scalars` it consumes
-    binary: bool
-    fn: Callable  # (y, other_or_None, *scalars) -> tensor, in plain ATen
-
-
-def _u(name, arity, fn):
-    return PostOp(name, arity, False, lambda y, other, *s: fn(y, *s))
-
-
-def _b(name, fn):
-    return PostOp(name, 0, True, lambda y, other: fn(y, other))
-
-
-POST_OPS: dict[str, PostOp] = {
-    p.name: p
-    for p in [
-        _u("relu", 0, aten.relu.default),
-        _u("sigmoid", 0, aten.sigmoid.default),
-        _u("tanh", 0, aten.tanh.default),
-        _u("silu", 0, aten.silu.default),
-        _u("gelu", 0, lambda y: aten.gelu.default(y)),
-        _u("gelu_tanh", 0, lambda y: aten.gelu.default(y, approximate="tanh")),
-        _u("hardtanh", 2, aten.hardtanh.default),  # min, max
-        _u("leaky_relu", 1, aten.leaky_relu.default),  # negative_slope
-        _u("elu", 3, aten.elu.default),  # alpha, scale, input_scale
-        _u("hardswish", 0, aten.hardswish.default),
-        _u("hardsigmoid", 0, aten.hardsigmoid.default),
-        _b("add", aten.add.Tensor),
-        _b("sub", aten.sub.Tensor),
-        _b("mul", aten.mul.Tensor),
-        _b("div", aten.div.Tensor),
-    ]
-}
+POST_OPS = REGISTRY  # name -> PostOp (fusepass/postops.py: one row per post-op)
 
 
 def split_chain(post: Sequence[str], scalars: Sequence[float]):
@@ -73,7 +38,7 @@ def split_chain(post: Sequence[str], scalars: Sequence[float]):
 
 def apply_chain(y, other, post, scalars):
     for op, s in split_chain(post, scalars):
-        y = op.fn(y, other, *s)
+        y = op.reference(y, other, *s)
     return y
 
 

@@ -26,6 +26,13 @@ class Options:
     disable: frozenset = field(default_factory=frozenset)
     # Run the reference graph beside the optimized one on first call; raise on divergence.
     check: bool = field(default_factory=lambda: os.environ.get("FUSEPASS_CHECK", "0") == "1")
+    # After every pass: graph.lint() and a fake-tensor re-propagation compared with meta
+    # (shapes, dtypes, strides); a failure raises. The test suite turns it on everywhere.
+    verify: bool = field(default_factory=lambda: os.environ.get("FUSEPASS_VERIFY", "0") == "1")
+    # Rounds of the rewrite engine's fixpoint per pass: fusion, and folding (a fold can
+    # expose another: BN after a folded constant, chains of user-written constant ops).
+    fuse_rounds: int = 8
+    fold_rounds: int = 64
 
     @classmethod
     def from_kwargs(cls, options=None, **kwargs) -> "Options":
@@ -46,6 +53,10 @@ class Options:
         return opts
 
     def validate(self):
+        for name in ("fuse_rounds", "fold_rounds"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise OptionError(f"{name}={v!r}; valid: a positive int")
         if self.lowering not in LOWERINGS:
             raise OptionError(f"lowering={self.lowering!r}; valid: {list(LOWERINGS)}")
         names = known_names()

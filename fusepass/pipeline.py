@@ -1,15 +1,20 @@
-"""The pass pipeline: passes in DESIGN.md's order, then lowering.
+"""The pass pipeline: every stage — folds, fuse, layout, lowering, prepacking, in-place
+— is a pass of one ``torch.fx`` ``PassManager``, in DESIGN.md's order.
 
 Each pass runs under a guard: an exception inside a pass undoes that pass (the graph is
 captured again and the passes before it replayed, or restored from a snapshot when no
 recapture is given) and is recorded; the rest of the pipeline goes on. With
-``VERIFY`` on (the test suite's autouse fixture), every pass is followed by
-``graph.lint()`` and a fake-tensor re-propagation compared against ``meta["val"]``.
+``Options.verify`` (``FUSEPASS_VERIFY=1``; the test suite turns it on for every test) the
+manager's checks (``add_checks``) run before the first pass and after every pass:
+``graph.lint()`` and a fake-tensor re-propagation compared with ``meta["val"]`` — shapes,
+dtypes and strides. A failed check raises out of the pipeline (the runtime then runs the
+graph unoptimized, reported as a fallback, which fails a test).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
@@ -25,21 +30,24 @@ from fusepass.passes.prepack_weights import prepack_weights
 from fusepass.passes.propagate_layout import propagate_layout
 from fusepass.report import Report
 
-PASSES = [
+
+def lower_pass(gm, *, options, report) -> PassResult:
+    """Fused ops -> the chosen target's kernels (``fusepass/lowering``)."""
+    return PassResult(lower(gm, options, report), True)
+
+
+# prepack_weights is target-specific (it rewrites mkldnn nodes only) and follows lowering;
+# inplace_pointwise gives up the IR's functional form, so it comes last.
+STAGES = [
     ("fold_batchnorm", fold_batchnorm),
     ("fold_binary_constants", fold_binary_constants),
     ("fuse", fuse),
     ("propagate_layout", propagate_layout),
-]
-# After lowering (run_pipeline): prepack_weights is target-specific (it rewrites mkldnn
-# nodes only); inplace_pointwise gives up the IR's functional form, so it comes last.
-# Both are pass names all the same: disable=["inplace_pointwise"] is a valid option.
-POST_LOWERING = [
+    ("lower", lower_pass),
     ("prepack_weights", prepack_weights),
     ("inplace_pointwise", inplace_pointwise),
 ]
-PASS_NAMES = [name for name, _ in PASSES] + [name for name, _ in POST_LOWERING]
-VERIFY = False
+PASS_NAMES = [name for name, _ in STAGES if name != "lower"]  # what `disable` may name
 
 
 def _snapshot(gm) -> fx.Graph:
@@ -72,8 +80,6 @@ class _Undo:
                     gm.graph = snap
                     gm.recompile()
                 return PassResult(gm, False)
-            if VERIFY:
-                verify(result.graph_module, name)
             self.done.append(fn)
             return result
 
@@ -87,30 +93,21 @@ class _Undo:
         return gm
 
 
-def _lower(gm, *, options, report):
-    return PassResult(lower(gm, options, report), True)
-
-
 def run_pipeline(gm, options, report, recapture=None):
     """``recapture() -> GraphModule``, when given, rebuilds the captured graph: a failed
     pass is then undone by capturing again and replaying, instead of by a graph copy
     taken before every pass."""
     undo = _Undo(recapture, options)
-    passes = [undo.step(n, f, report) for n, f in PASSES if options.enabled(n)]
-    if passes:
-        gm = PassManager(passes=passes)(gm).graph_module
-    gm = _lower(gm, options=options, report=report).graph_module
-    undo.done.append(_lower)
-    # oneDNN's blocked weight format only means something to the mkldnn kernels the onednn
-    # target emits: prepack_weights rewrites those nodes and leaves any other graph alone.
-    for name, fn in POST_LOWERING:
-        if options.enabled(name):
-            gm = undo.step(name, fn, report)(gm).graph_module
-    return pin_constants(gm)
+    passes = [undo.step(n, f, report) for n, f in STAGES if n == "lower" or options.enabled(n)]
+    manager = PassManager(passes=passes, run_checks_after_each_pass=options.verify)
+    if options.verify:
+        manager.add_checks(verify)
+    return pin_constants(manager(gm).graph_module)
 
 
-def verify(gm, after: str):
-    """lint + re-propagate fake tensors from the placeholders; compare with meta."""
+def verify(gm):
+    """lint + re-propagate fake tensors from the placeholders; compare with meta: shape,
+    dtype and the strides of every dim of size > 1."""
     gm.graph.lint()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env = {}
@@ -129,19 +126,51 @@ def verify(gm, after: str):
             continue
         if n.op == "output":
             continue
-        if _is_kernel(n.target):  # a lowered kernel is outside the IR: trust its meta
-            env[n] = tree_map(lambda v: _refake(mode, v), n.meta["val"])
-            continue
-        args = fx.node.map_arg(n.args, lambda a: env[a])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
-        with mode:
-            out = n.target(*args, **kwargs)
+        if _is_kernel(n.target):  # outside the IR: the kernel's own layout rule, if known
+            out = kernel_value(gm, mode, n, env)
+        else:
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            with mode:
+                out = n.target(*args, **kwargs)
         env[n] = out
         got, want = tree_flatten(out)[0], tree_flatten(n.meta.get("val"))[0]
         for g, w in zip(got, want):
-            if isinstance(g, torch.Tensor) and (g.shape != w.shape or g.dtype != w.dtype):
-                raise AssertionError(f"after {after}: {n.name} meta {tuple(w.shape)}/{w.dtype} "
-                                     f"but propagates to {tuple(g.shape)}/{g.dtype}")
+            if isinstance(g, torch.Tensor) and (g.shape != w.shape or g.dtype != w.dtype
+                                                or not same_strides(g, w)):
+                raise AssertionError(
+                    f"{n.name} meta {tuple(w.shape)}/{w.dtype}/{tuple(w.stride())} but "
+                    f"propagates to {tuple(g.shape)}/{g.dtype}/{tuple(g.stride())}")
+
+
+def same_strides(a, b) -> bool:
+    return all(x == y for x, y, d in zip(a.stride(), b.stride(), a.shape) if d > 1)
+
+
+mkldnn = torch.ops.mkldnn
+# kernel -> position of its (possibly packed) weight
+_WEIGHT = {mkldnn._convolution_pointwise.default: 1, mkldnn._convolution_pointwise.binary: 2,
+           mkldnn._convolution_pointwise_.binary: 2}
+
+
+def kernel_value(gm, mode, n, env):
+    """A kernel's result as the real kernel lays it out, where its rule is known (stock
+    oneDNN convs, measured on torch 2.13: channels-last when the input or the weight
+    suggests it or the weight is packed; the in-place sum returns ``other``); other
+    kernels (linear, IPEX's) are trusted: their meta is the fused op's."""
+    v = tree_map(lambda t: _refake(mode, t), n.meta["val"])
+    if n.target not in _WEIGHT or not isinstance(v, torch.Tensor) or v.dim() != 4:
+        return v
+    if n.target is mkldnn._convolution_pointwise_.binary:
+        return env[n.args[0]]
+    wnode = n.args[_WEIGHT[n.target]]
+    weight = getattr(gm, wnode.target, None) if wnode.op == "get_attr" else None
+    x, w = env[n.args[0]], env[wnode]
+    cl = (getattr(weight, "is_mkldnn", False) or torch.channels_last in (
+        suggest_memory_format(x), suggest_memory_format(w)))
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    with mode:
+        return torch.empty(v.shape, dtype=v.dtype).to(memory_format=fmt)
 
 
 def _is_kernel(target) -> bool:

@@ -88,12 +88,15 @@ def _match_node(p: fx.Node, a: Any, st) -> bool:
     return False
 
 
-def match_at(rule: Rule, gm: fx.GraphModule, node: fx.Node) -> Optional[Match]:
+def match_at(rule: Rule, gm: fx.GraphModule, node: fx.Node, lowerable=None) -> Optional[Match]:
     anchor = _anchor(pattern_graph(rule))
     bind, matched = {}, {}
     if not _match_node(anchor, node, (bind, matched)):
         return None
-    return Match(gm, node, list(matched.values()), bind)
+    m = Match(gm, node, list(matched.values()), bind)
+    if lowerable is not None:
+        m.lowerable = lambda post, scalars, other: lowerable(m, post, scalars, other)
+    return m
 
 
 def interior_reason(m: Match) -> Optional[str]:
@@ -124,7 +127,7 @@ def replace(m: Match, rule: Rule) -> fx.Node:
         new_node = evaluate_constants(m.gm, [n for n in g.nodes if n not in before], new_node)
         if "val" not in new_node.meta and "val" in m.anchor.meta:
             # a replacement computes the anchor's value: same shape, dtype and layout
-            # (re-deriving it by fake dispatch cost ~10 ms a node; VERIFY re-checks it)
+            # (re-deriving it by fake dispatch cost ~10 ms a node; Options.verify re-checks it)
             new_node.meta["val"] = m.anchor.meta["val"]
         for n in g.nodes:
             if n not in before:
@@ -191,8 +194,11 @@ def _sources(node) -> list:
     return out
 
 
-def apply_rules(gm: fx.GraphModule, rules, report, stage: str, max_rounds: int = 8) -> bool:
-    """Apply rules to a fixpoint; record rewrites and (surviving) declines."""
+def apply_rules(gm: fx.GraphModule, rules, report, stage: str, max_rounds: int = 8,
+                lowerable=None) -> bool:
+    """Apply rules to a fixpoint; record rewrites and (surviving) declines.
+    ``lowerable(match, post, scalars, other) -> reason | None`` answers the rows'
+    lowerable guard (the fuse pass passes the chosen target's lowering table)."""
     changed_any = False
     declines = {}  # (rule, anchor) -> reason; dropped if the anchor is rewritten later
     for _ in range(max_rounds):
@@ -202,7 +208,7 @@ def apply_rules(gm: fx.GraphModule, rules, report, stage: str, max_rounds: int =
             for node in list(gm.graph.nodes):
                 if node.graph is not gm.graph or node.op != "call_function" or node.target != anchor_target:
                     continue
-                m = match_at(rule, gm, node)
+                m = match_at(rule, gm, node, lowerable)
                 if m is None:
                     continue
                 if rule.when is not None and not rule.when(m):

@@ -5,8 +5,10 @@ turns into ``aten.add``) and transformer residuals ``linear(x) + h`` become the 
 chain ``["add"]``; the ReLU after a ResNet add is then taken by the ``conv*d.relu`` rows
 (the epilogue guards accept relu after a binary post-op), giving ``["add", "relu"]``.
 
-Rows come from the product of families and binary ops that some kernel takes after the
-op (oneDNN: conv add/sub/mul/div, linear add/sub/mul). ``add`` and ``mul`` also match the
+Rows come from the post-op registry (``fusepass/postops.py``): one per family and binary
+post-op some target has a kernel for (oneDNN: conv add/sub/mul/div, linear add/sub/mul;
+IPEX: add/sub, linear mul); the ``lowerable`` guard asks the chosen target's lowering
+table (conv1d has no binary kernel on either). ``add`` and ``mul`` also match the
 conv/linear as the right operand (the engine tries swapped operands); ``sub``/``div``
 only with the conv/linear on the left (``t - conv(x)`` is no post-op).
 Whether the kernel accumulates in place into ``other`` is lowering's decision, not ours.
@@ -18,34 +20,24 @@ engine's fixpoint would get there in two rounds otherwise. A relu *before* the a
 """
 from __future__ import annotations
 
-import inspect
-import itertools
-
 import torch
 
+from fusepass import postops
 from fusepass.patterns import binary_guards as B
 from fusepass.patterns import guards as G
-from fusepass.patterns.epilogues import CONV_ARGS, FAMILIES, LINEAR_ARGS
-from fusepass.patterns.table import Rule
+from fusepass.patterns.epilogues import FAMILIES, kind_of
+from fusepass.patterns.table import Rule, with_signature
 
 aten = torch.ops.aten
 
-# op name -> (fragment over y, other[, alpha], takes alpha, symbol)
+# the binary post-ops' ATen spellings: op name -> (fragment over y, other[, alpha],
+# takes alpha, symbol); the registry says which families have kernels for them
 BINOPS = {
     "add": (lambda y, o, alpha: aten.add.Tensor(y, o, alpha=alpha), True, "+"),
     "sub": (lambda y, o, alpha: aten.sub.Tensor(y, o, alpha=alpha), True, "-"),
     "mul": (lambda y, o: aten.mul.Tensor(y, o), False, "*"),
     "div": (lambda y, o: aten.div.Tensor(y, o), False, "/"),
 }
-CONV_BINOPS = ["add", "sub", "mul", "div"]
-LINEAR_BINOPS = ["add", "sub", "mul"]  # no oneDNN linear kernel divides
-
-
-def _with_signature(fn, names):
-    fn.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
-    return fn
-
 
 def binary_row(family: str, binop: str) -> Rule:
     op, arg_names, when = FAMILIES[family]
@@ -66,12 +58,12 @@ def binary_row(family: str, binop: str) -> Rule:
     guards = [G.kernel_dtype, B.empty_chain, B.other_is_tensor, B.same_shape, B.same_dtype]
     if takes_alpha:
         guards.append(B.alpha_is_one)
-    guards.append(B.no_cycle)
+    guards += [B.eager_layout, B.no_cycle, G.lowerable(lambda b: ([binop], []))]
     either = " (either order)" if binop in ("add", "mul") else ""
-    return Rule(f"{family}.{binop}", _with_signature(pattern, names),
-                _with_signature(replacement, names), G.all_of(*guards),
+    return Rule(f"{family}.{binop}", with_signature(pattern, names),
+                with_signature(replacement, names), G.all_of(*guards),
                 f"{family}(x) {sym} other{either} -> binary post-op {binop!r}", when)
 
 
-ROWS = [binary_row(f, b) for f, b in itertools.product(["conv1d", "conv2d", "conv3d"], CONV_BINOPS)]
-ROWS += [binary_row("linear", b) for b in LINEAR_BINOPS]
+ROWS = [binary_row(f, b) for f in FAMILIES for b in postops.BINARY
+        if postops.has_kernel(b, kind_of(f))]

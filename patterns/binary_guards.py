@@ -95,3 +95,16 @@ def no_cycle(m):
     if window.has_node(src) and window.has_node(other) and nx.has_path(window, src, other):
         return f"other depends on {src.name}'s output: fusing would create a cycle"
     return None
+
+
+def eager_layout(m):
+    """The fused op's result is laid out as the conv/linear output; eager lays ``y (+) other``
+    out after its operands (``other + conv(x)`` after ``other``): where the two differ,
+    fusing would hand back other strides than eager gives."""
+    y, out = fused_node(m).meta.get("val"), m.anchor.meta.get("val")
+    if y is None or out is None:
+        return None
+    if all(a == b for a, b, d in zip(y.stride(), out.stride(), y.shape) if d > 1):
+        return None
+    return (f"eager lays the result out as {tuple(out.stride())} (after other), the fused op "
+            f"would give the output's {tuple(y.stride())}")

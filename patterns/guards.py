@@ -1,18 +1,14 @@
 """Named, pure guards shared by pattern rows.
 
 Each takes a Match and returns a reason to decline (shown in the report) or None.
-They read only ``meta["val"]``, bound literals, user counts and dtypes.
+They read only ``meta["val"]``, bound literals, user counts and dtypes — and, through
+``Match.lowerable``, the lowering table's answer for the fused form a row would make.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-# What one oneDNN primitive can carry after a conv/linear: at most one binary post-op,
-# then at most one eltwise; the kernels of both targets take this shape of chain.
-UNARY_AFTER_BINARY = {"conv": {"relu"}, "linear": set()}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what some target's kernels compute in
 
 
 def all_of(*guards):
@@ -38,54 +34,25 @@ def kernel_dtype(m):
     return None
 
 
-def weight_is_constant(m):
-    w = m["weight"]
-    return None if getattr(w, "op", None) == "get_attr" else "weight is not a frozen constant"
-
-
-def unary_chain(family):
-    """The chain so far accepts one more eltwise post-op."""
+def scalars_valid(post_op, new_chain):
+    """The bound literals make valid scalars for the post-op (finite; min <= max)."""
     def guard(m):
-        post = list(m["post"])
-        if not post:
-            return None
-        if len(post) == 1 and post[0] in ("add", "sub", "mul", "div"):
-            return None  # binary then unary: checked per unary below
-        return f"chain {post} already ends in an eltwise post-op"
-    guard.__name__ = f"unary_chain[{family}]"
+        return post_op.check(new_chain(m.bindings)[1])
+    guard.__name__ = f"scalars_valid[{post_op.name}]"
     return guard
 
 
-def after_binary_allowed(family, unary):
+def lowerable(new_chain, other_name="other"):
+    """The chosen target has a kernel for the fused op this row would make (the lowering
+    table answers through ``Match.lowerable``): fusing into a chain that then runs on the
+    reference kernel is slower than not fusing. ``new_chain(bindings) -> (post, scalars)``
+    is appended to the op's chain; a binary row's new operand is bound as ``other_name``."""
     def guard(m):
-        post = list(m["post"])
-        if post and unary not in UNARY_AFTER_BINARY[family]:
-            return f"no {family} kernel for {post[0]}+{unary}"
-        return None
-    guard.__name__ = f"after_binary_allowed[{family},{unary}]"
+        post, scalars = new_chain(m.bindings)
+        other = m.bindings.get(other_name)
+        return m.lowerable(list(m["post"]) + post, list(m["scalars"]) + scalars, other)
+    guard.__name__ = "lowerable"
     return guard
-
-
-def _finite(*xs):
-    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
-
-
-def hardtanh_bounds(m):
-    lo, hi = m["e0"], m["e1"]
-    if lo is None or hi is None:
-        return "clamp without both bounds"
-    if not _finite(lo, hi) or lo > hi:
-        return f"bounds ({lo}, {hi}) are not finite with min <= max"
-    return None
-
-
-def finite_scalars(m):
-    extras = [v for k, v in m.bindings.items() if k.startswith("e")]
-    return None if _finite(*extras) else f"post-op parameters {extras} are not finite numbers"
-
-
-def gelu_approximate(m):
-    return None if m["e0"] in ("none", "tanh") else f"gelu approximate={m['e0']!r}"
 
 
 def conv_rank(n):

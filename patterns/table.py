@@ -7,6 +7,7 @@ share a structure but not a family (conv1d vs conv2d): a failed ``when`` is no c
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -17,6 +18,9 @@ class Match:
     anchor: Any  # the graph node the pattern's output matched
     nodes: list  # graph nodes matched by the pattern's op nodes (anchor included)
     bindings: dict  # pattern placeholder name -> graph node or literal
+    # (post, scalars, other) -> why the chosen target has no kernel for the fused op the
+    # row would make, or None: the fuse pass hands in the lowering table's answer
+    lowerable: Callable = lambda post, scalars, other: None
 
     def __getitem__(self, name):
         return self.bindings[name]
@@ -27,6 +31,14 @@ class Match:
 
 
 Guard = Callable[[Match], Optional[str]]
+
+
+def with_signature(fn, names):
+    """Give a ``*args`` pattern/replacement factory's function named parameters: the
+    engine binds pattern placeholders by these names."""
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    return fn
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,6 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-import fusepass.pipeline
-
 _common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("dev", max_examples=10, **_common)
 settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
@@ -15,5 +13,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 @pytest.fixture(autouse=True)
 def verify_every_pass(monkeypatch):
-    """graph.lint() + fake-tensor re-propagation after every pass, in every test."""
-    monkeypatch.setattr(fusepass.pipeline, "VERIFY", True)
+    """graph.lint() + fake-tensor re-propagation (shapes, dtypes, strides) after every
+    pass, in every test: ``Options.verify``'s default reads FUSEPASS_VERIFY."""
+    monkeypatch.setenv("FUSEPASS_VERIFY", "1")

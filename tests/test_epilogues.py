@@ -1,5 +1,7 @@
 """Every conv/linear epilogue row: matches once on its own example, the op histogram
-before/after is what the row says, numerics match eager (hypothesis), negatives decline."""
+before/after is what the row says, numerics match eager (hypothesis, every row in every
+run), negatives decline. Rows the onednn target has no kernel for decline there with the
+reason, and fuse on the reference target (the pattern itself is right)."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusepass.patterns import TABLE
-from tests.util import assert_close, examples, histogram, optimize
+from fusepass.patterns import epilogues
+from tests.util import NATIVE_BF16, assert_close, examples, histogram, optimize
 
 # spelling -> (eager function of y, the ATen op names it leaves in an unfused graph)
 EAGER = {
@@ -18,7 +20,8 @@ EAGER = {
     "silu_mul": (lambda y: y * torch.sigmoid(y), {"aten.mul", "aten.sigmoid"}),
     "sigmoid": (torch.sigmoid, {"aten.sigmoid"}),
     "tanh": (torch.tanh, {"aten.tanh"}),
-    "gelu": (lambda y: F.gelu(y, approximate="tanh"), {"aten.gelu"}),
+    "gelu": (F.gelu, {"aten.gelu"}),
+    "gelu_tanh": (lambda y: F.gelu(y, approximate="tanh"), {"aten.gelu"}),
     "hardtanh": (F.relu6, {"aten.hardtanh"}),
     "clamp": (lambda y: torch.clamp(y, -0.5, 0.75), {"aten.clamp"}),
     "leaky_relu": (lambda y: F.leaky_relu(y, 0.2), {"aten.leaky_relu"}),
@@ -26,9 +29,17 @@ EAGER = {
     "hardswish": (F.hardswish, {"aten.hardswish"}),
     "hardsigmoid": (F.hardsigmoid, {"aten.hardsigmoid"}),
 }
-# post-ops the stock oneDNN kernels cannot take: fused, but kept on the reference kernel
+# measured on torch 2.13: stock oneDNN has no elu post-op ("Fusion behavior undefined")
 NO_ONEDNN = {"elu"}
-ROWS = [r for r in TABLE if r.name.split(".")[1] in EAGER]
+ROWS = epilogues.ROWS
+CONV_ROWS = [r for r in ROWS if r.name.startswith("conv")]
+LINEAR_ROWS = [r for r in ROWS if r.name.startswith("linear")]
+
+
+def test_every_row_has_an_eager_case():
+    """A row without an eager case would go untested: adding a post-op means adding it here."""
+    assert {r.name.split(".")[1] for r in ROWS} <= set(EAGER), ROWS
+    assert {f"{f}.{s}" for f in epilogues.FAMILIES for s in EAGER} == {r.name for r in ROWS}
 
 
 class Block(torch.nn.Module):
@@ -53,6 +64,21 @@ def example(family, batch=2, cin=4, size=7):
     return torch.randn(shape)
 
 
+def expect_fused(rep, row, spelling, dtype):
+    """The row fused once, or declined for the one reason this CPU/target gives."""
+    kind = "linear" if row.name.startswith("linear") else "conv"
+    if spelling in NO_ONEDNN:
+        reason = f"onednn has no {kind}+{spelling} post-op"
+    elif dtype == torch.bfloat16 and not NATIVE_BF16:
+        reason = "CPU lacks native bf16"
+    else:
+        assert rep.counts == {row.name: 1}, rep
+        return True
+    assert rep.counts == {}, rep
+    assert any(reason in d.reason for d in rep.where(rule=row.name, action="declined")), rep
+    return False
+
+
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
 def test_row_matches_once_histogram_and_numerics(row):
     family, spelling = row.name.split(".")
@@ -61,30 +87,26 @@ def test_row_matches_once_histogram_and_numerics(row):
     x = example(family)
     unfused = optimize(m, [x], disable=["fuse"])
     gm = optimize(m, [x])
-    assert gm.fusepass_report.counts == {row.name: 1}
     before, after = histogram(unfused), histogram(gm)
-    for op in EAGER[spelling][1]:
-        assert before[op] >= 1 and after[op] == 0, (op, before, after)
     kernel = "mkldnn._linear_pointwise" if family == "linear" else "mkldnn._convolution_pointwise"
-    if spelling in NO_ONEDNN:
-        assert after["fusepass.conv"] == 1 and after[kernel] == 0
-        kept = gm.fusepass_report.where(stage="lower", action="kept")
-        assert kept and "no oneDNN conv kernel" in kept[0].reason
-    else:
+    if expect_fused(gm.fusepass_report, row, spelling, torch.float32):
+        for op in EAGER[spelling][1]:
+            assert before[op] >= 1 and after[op] == 0, (op, before, after)
         assert after[kernel] == 1 and after[kernel] == before[kernel]
+    else:  # declined: the graph is the unfused one, the conv still on oneDNN
+        assert after == before and after[kernel] == 1, (before, after)
+    ref = optimize(m, [x], lowering="reference")  # the pattern matches on any target
+    assert ref.fusepass_report.counts == {row.name: 1}
     with torch.no_grad():
         assert_close(gm(x), m(x))
+        assert_close(ref(x), m(x))
 
 
 @st.composite
-def conv_case(draw):
-    row = draw(st.sampled_from([r for r in ROWS if r.name.startswith("conv")]))
-    family, spelling = row.name.split(".")
-    groups = draw(st.sampled_from([1, 2, 4]))
+def conv_shape(draw, family):
     depthwise = draw(st.booleans())
-    cin = 4 if not depthwise else 4
-    cout = draw(st.sampled_from([4, 8])) if not depthwise else 4
-    groups = 4 if depthwise else groups
+    groups = 4 if depthwise else draw(st.sampled_from([1, 2, 4]))
+    cout = 4 if depthwise else draw(st.sampled_from([4, 8]))
     k = draw(st.integers(1, 3))
     stride = draw(st.integers(1, 2))
     dilation = draw(st.integers(1, 2))
@@ -94,21 +116,23 @@ def conv_case(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     channels_last = family != "conv1d" and draw(st.booleans())
     bias = draw(st.booleans())
-    return family, spelling, dict(cin=cin, cout=cout, groups=groups, k=k, stride=stride,
-                                  padding=padding, dilation=dilation, bias=bias), batch, size, dtype, channels_last
+    return dict(cin=4, cout=cout, groups=groups, k=k, stride=stride, padding=padding,
+                dilation=dilation, bias=bias), batch, size, dtype, channels_last
 
 
-@settings(max_examples=examples(60))
-@given(conv_case(), st.integers(0, 2**16))
-def test_conv_rows_numerics_vs_eager(case, seed):
-    family, spelling, kw, batch, size, dtype, channels_last = case
+@pytest.mark.parametrize("row", CONV_ROWS, ids=lambda r: r.name)
+@settings(max_examples=examples(5))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_conv_rows_numerics_vs_eager(row, data, seed):
+    family, spelling = row.name.split(".")
+    kw, batch, size, dtype, channels_last = data.draw(conv_shape(family))
     torch.manual_seed(seed)
     m = Block(family, spelling, **kw).eval().to(dtype)
     x = example(family, batch, kw["cin"], size).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     gm = optimize(m, [x])
-    assert gm.fusepass_report.counts.get(f"{family}.{spelling}") == 1
+    expect_fused(gm.fusepass_report, row, spelling, dtype)
     with torch.no_grad():
         want = m(x)
         got = gm(x)
@@ -116,9 +140,9 @@ def test_conv_rows_numerics_vs_eager(case, seed):
     assert_close(got, want, dtype)
 
 
-@settings(max_examples=examples(30))
-@given(st.sampled_from([r for r in ROWS if r.name.startswith("linear")]),
-       st.integers(1, 4), st.integers(1, 16), st.integers(1, 16), st.booleans(),
+@pytest.mark.parametrize("row", LINEAR_ROWS, ids=lambda r: r.name)
+@settings(max_examples=examples(4))
+@given(st.integers(1, 4), st.integers(1, 16), st.integers(1, 16), st.booleans(),
        st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
 def test_linear_rows_numerics_vs_eager(row, batch, cin, cout, bias, dtype, seed):
     torch.manual_seed(seed)
@@ -126,7 +150,7 @@ def test_linear_rows_numerics_vs_eager(row, batch, cin, cout, bias, dtype, seed)
     m = Block("linear", spelling, cin=cin, cout=cout, bias=bias).eval().to(dtype)
     x = torch.randn(batch, 3, cin).to(dtype)
     gm = optimize(m, [x])
-    assert gm.fusepass_report.counts.get(row.name) == 1
+    expect_fused(gm.fusepass_report, row, spelling, dtype)
     with torch.no_grad():
         assert_close(gm(x), m(x), dtype)
 
@@ -180,7 +204,7 @@ def test_float64_is_declined_and_still_correct():
 
 @pytest.mark.parametrize("fn,reason", [
     (lambda y: torch.clamp(y, min=0.5), "clamp without both bounds"),
-    (lambda y: torch.clamp(y, 1.0, -1.0), "min <= max"),
+    (lambda y: torch.clamp(y, 1.0, -1.0), "min > max"),
 ])
 def test_unsupported_post_op_parameters_are_declined(fn, reason):
     m = Block("conv2d", "relu").eval()

@@ -286,7 +286,7 @@ def test_folded_graph_properties(case, data):
     assert len(declines) == len(reasons), (want_steps, declines)
     for d, reason in zip(declines, reasons):
         assert reason in d.reason, (want_steps, d)
-    fusepass.pipeline.verify(gm, "test")
+    fusepass.pipeline.verify(gm)
     assert all("val" in nd.meta for nd in gm.graph.nodes if nd.op not in ("output",))
 
     # (a): the whole pipeline against eager, and eager against a float64 run

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusepass.lowering
 from tests.util import assert_close, optimize
 
 IPEX = "intel_extension_for_pytorch"
@@ -28,11 +27,9 @@ class ConvRelu(torch.nn.Module):
 
 @pytest.fixture
 def no_ipex(monkeypatch):
-    """IPEX unimportable, and the ipex target forgotten, for this test only."""
+    """IPEX unimportable for this test only (the ipex target's table rows are data and
+    stay registered; ``ipex.load()`` is what fails)."""
     monkeypatch.setitem(sys.modules, IPEX, None)
-    monkeypatch.delitem(sys.modules, "fusepass.lowering.ipex", raising=False)
-    monkeypatch.delattr(fusepass.lowering, "ipex", raising=False)
-    monkeypatch.delitem(fusepass.lowering.TARGETS, "ipex", raising=False)
 
 
 def _check_onednn_fallback(lowering):

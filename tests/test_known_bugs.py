@@ -258,8 +258,9 @@ def test_sequence_length_changes_between_calls():
 
 def test_check_mode_names_the_first_diverging_kernel(monkeypatch):
     from fusepass.check import CheckError
-    from fusepass.lowering import onednn
-    monkeypatch.setitem(onednn.UNARY, "relu", ("sigmoid", None))  # a wrong kernel entry
+    from fusepass.postops import CONV, REGISTRY, Kernel
+    # a wrong kernel entry in the registry: relu lowered as oneDNN's sigmoid
+    monkeypatch.setitem(REGISTRY["relu"].kernels, "onednn", Kernel("sigmoid", after_binary=CONV))
     m = eval_with_stats(ConvBNReLU())
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(CheckError, match=r"first diverging node: _convolution_pointwise.*relu"):
@@ -275,12 +276,11 @@ def test_check_mode_blames_a_rewrite_when_kernels_agree(monkeypatch):
     from fusepass.patterns import epilogues
     m = eval_with_stats(ConvBNReLU())
     x = torch.randn(2, 3, 8, 8)
+    from fusepass.postops import REGISTRY
     # a wrong row: relu fused as sigmoid (the kernel then faithfully computes sigmoid)
-    monkeypatch.setitem(epilogues.SPELLINGS, "relu", (
-        lambda y: torch.ops.aten.relu.default(y), 0, lambda: (["sigmoid"], []), None, "relu(y)"))
+    wrong = epilogues.epilogue_row("conv2d", REGISTRY["sigmoid"], REGISTRY["relu"].spellings[0])
     monkeypatch.setattr(fusepass.patterns.TABLE, "rows", [
-        epilogues.epilogue_row("conv2d", "relu") if r.name == "conv2d.relu" else r
-        for r in fusepass.patterns.TABLE.rows])
+        wrong if r.name == "conv2d.relu" else r for r in fusepass.patterns.TABLE.rows])
     with pytest.raises(CheckError, match="a rewrite"):
         optimize(m, [x], check=True)(x)
 

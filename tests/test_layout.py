@@ -136,7 +136,7 @@ def capture_only(model, *inputs):
 def run_pass(gm):
     report = Report()
     result = propagate_layout(gm, options=Options(), report=report)
-    verify(result.graph_module, "propagate_layout")
+    verify(result.graph_module)
     return result, report
 
 

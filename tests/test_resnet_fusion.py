@@ -15,7 +15,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from fusepass import models
 from fusepass.pipeline import PASS_NAMES
-from tests.util import assert_close, histogram, optimize
+from tests.util import NATIVE_BF16, assert_close, histogram, needs_native_bf16, optimize
 
 CONV_KERNELS = ("mkldnn._convolution_pointwise", "mkldnn._convolution_pointwise.binary",
                 "mkldnn._convolution_pointwise_.binary")
@@ -86,6 +86,7 @@ def test_resnet50_as_built_all_residuals_and_convs_fused():
         assert_close(gm(x), m(x))
 
 
+@needs_native_bf16
 def test_resnet18_bf16_channels_last():
     m = fold_bn_in_eager(models.build("resnet18")).to(torch.bfloat16)
     x = models.example_input("resnet18", 2, RES).to(torch.bfloat16)
@@ -97,3 +98,21 @@ def test_resnet18_bf16_channels_last():
         got, want = gm(x), m(x)
     # 20 bf16 convs deep: compare against the output's scale, with bf16's tolerance
     assert_close(got, want, torch.bfloat16)
+
+
+@pytest.mark.skipif(NATIVE_BF16, reason="CPU has native bf16: the fused bf16 path is tested instead")
+def test_resnet18_bf16_without_native_bf16_declines_before_lowering():
+    """On a CPU without native bf16 (AVX2-only), oneDNN's bf16 kernels raise: nothing is
+    fused or lowered to them, every conv says why, and the graph runs (no error, no
+    fallback: a decision made before lowering, not an exception)."""
+    m = fold_bn_in_eager(models.build("resnet18")).to(torch.bfloat16)
+    x = models.example_input("resnet18", 2, RES).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    gm = optimize(m, [x])
+    rep = gm.fusepass_report
+    assert rep.counts == {} and rep.kernels == {}, rep
+    lower = rep.where(stage="lower", action="declined")
+    assert len(lower) == NETS["resnet18"][0] + 1  # 20 convs and the fc
+    assert all("CPU lacks native bf16" in d.reason for d in lower), lower
+    assert not rep.where(action="error") and not rep.fell_back, rep
+    with torch.no_grad():
+        assert_close(gm(x), m(x), torch.bfloat16)

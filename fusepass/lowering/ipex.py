@@ -1,10 +1,12 @@
 """The ipex target: Intel Extension for PyTorch's prepacked fused kernels (``ipex_prepack::*``).
 
 Why: users pinned to torch 2.8 + IPEX 2.8 (IPEX's last CPU release; the project is
-archived upstream) want fusepass's graphs to run on IPEX's kernels. Importing this module
-imports IPEX; when that fails, ``fusepass.lowering.resolve`` reports it and uses onednn.
-Whatever this table declines (a reason string) is offered to the onednn target, and the
-report says so.
+archived upstream) want fusepass's graphs to run on IPEX's kernels. Its rows of the
+lowering table are registered always (the fuse pass's lowerable guard reads them without
+IPEX installed); ``load()`` imports IPEX, and when that fails ``fusepass.lowering.resolve``
+reports it and uses onednn. Whatever this table declines (a reason string) is offered to
+the onednn target, and the report says so. The post-ops' run-op infixes and scalars come
+from the registry (``fusepass/postops.py``, ``kernels["ipex"]``).
 
 Each fused op becomes one ``*_run`` call on an op context prepacked at compile time from
 the frozen weight constant (``convolution_prepack``, ``conv_transpose_prepack``,
@@ -39,50 +41,58 @@ from __future__ import annotations
 import math
 import warnings
 
-import intel_extension_for_pytorch  # noqa: F401  (registers torch.ops.ipex_prepack.*)
 import torch
 from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
-from fusepass.ir import constant, infer_meta, is_constant, val
+from fusepass.ir import constant, emit, infer_meta, is_constant, val
 from fusepass.lowering import inplace
-from fusepass.lowering.operands import operand_reason
+from fusepass.lowering.operands import KERNEL_DTYPES, operand_reason
+from fusepass.lowering.table import register
+from fusepass.postops import REGISTRY
 
 P = torch.ops.ipex_prepack
 aten = torch.ops.aten
 CTX_PREFIX = "_fp_ipex_ctx_"
 
 
-def _elu(s):
-    alpha, scale, input_scale = s
-    if scale != 1.0 or input_scale != 1.0:
-        return (f"IPEX's elu ignores scale and input_scale (measured): elu(alpha={alpha}, "
-                f"scale={scale}, input_scale={input_scale}) would be computed as elu(alpha)")
-    return [alpha, 1.0, 1.0]
+def load():
+    import intel_extension_for_pytorch  # noqa: F401  (registers torch.ops.ipex_prepack.*)
 
 
-# post-op -> (run-op infix, the run op's scalars from the chain's, or a reason)
-UNARY = {
-    "relu": ("relu", list), "sigmoid": ("sigmoid", list), "tanh": ("tanh", list),
-    "silu": ("swish", list), "hardswish": ("hardswish", list),
-    "hardsigmoid": ("hardsigmoid", list),
-    "gelu": ("gelu", lambda s: ["none"]), "gelu_tanh": ("gelu", lambda s: ["tanh"]),
-    "hardtanh": ("hardtanh", list),  # min, max
-    "leaky_relu": ("leaky_relu", list),  # negative_slope
-    "elu": ("elu", _elu),  # alpha, 1, 1 only
-}
-# chain -> (run-op infix, alpha) of the accumulating runs: post(y + alpha * accumu)
-ACCUMULATE = {
-    ("add",): ("add", 1.0),  # y + other
-    ("sub",): ("add", -1.0),  # y - other
-    ("add", "relu"): ("add_relu", 1.0),  # relu(y + other)
-    ("sub", "relu"): ("add_relu", -1.0),  # relu(y - other)
-}
-CONV_ACCUMULATE = {
-    **ACCUMULATE,
-    ("silu", "add"): ("swish_add", 1.0),  # silu(y) + other
-    ("silu", "sub"): ("swish_add", -1.0),  # silu(y) - other
-}
+def _family(kind):
+    return "linear" if kind == "linear" else "conv"
+
+
+def run_op(kind, chain, scalars):
+    """(run op, mode, its scalars or alpha) for a chain, or a reason; pure. Modes:
+    "unary" (``*_<infix>_run(x, *scalars, ctx)``), "accumulate" (``post(y + alpha*accumu)``)
+    and "mul" (``linear_mul_run``)."""
+    prefix = {"conv": "convolution", "conv_transpose": "conv_transpose", "linear": "linear"}[kind]
+    fam = _family(kind)
+    ks = [REGISTRY[p].kernel("ipex", fam) for p in chain]
+    if any(k is None for k in ks):
+        return f"no IPEX {kind.replace('_', ' ')} kernel for post-op chain {list(chain)}"
+    binary = [REGISTRY[p].binary for p in chain]
+    if not any(binary):  # () or one unary
+        if len(chain) > 1:
+            return f"no IPEX {kind.replace('_', ' ')} kernel for post-op chain {list(chain)}"
+        run_scalars = ks[0].scalars(list(scalars)) if chain else []
+        if isinstance(run_scalars, str):
+            return run_scalars
+        if any(isinstance(v, float) and not math.isfinite(v) for v in run_scalars):
+            return f"post-op parameters {run_scalars} are not finite"
+        op = f"{prefix}_{ks[0].attr}_run" if chain else f"{prefix}_run"
+        return op, "unary", run_scalars
+    if kind == "conv_transpose":  # IPEX's transposed add runs give wrong results
+        return "IPEX's conv_transpose add runs give wrong results (measured): unary chains only"
+    b = binary.index(True)
+    if ks[b].attr == "mul":
+        return (f"{prefix}_mul_run", "mul", None) if len(chain) == 1 else \
+            f"no IPEX {kind} kernel for post-op chain {list(chain)}"
+    alpha = ks[b].scalars([])[0]
+    infix = "_".join(k.attr for k in ks)  # add, add_relu, swish_add
+    return f"{prefix}_{infix}_run", "accumulate", alpha
 
 
 # ----------------------------------------------------------------------------- checks
@@ -92,7 +102,7 @@ def _operand_reason(gm, x, w, b, other):
         return "weight is not a frozen constant (IPEX prepacks it at compile time)"
     if b is not None and not is_constant(gm, b):
         return "bias is not a frozen constant (IPEX prepacks it with the weight)"
-    return operand_reason("IPEX", x, w, b, other)
+    return operand_reason("IPEX", *(val(a) for a in (x, w, b, other)))
 
 
 def _full_shape_reason(other, node, kind):
@@ -167,17 +177,6 @@ def _drop_if_unused(gm, n):
 
 # ----------------------------------------------------------------------------- emitting
 
-def _emit(gm, node, target, args, kwargs=None, note=None):
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, tuple(args), kwargs or {})
-    new.meta.update(node.meta)  # same value and layout as the fused op (no fake kernel here)
-    if note:
-        new.meta["fusepass_lowering_note"] = note
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    return new
-
-
 def _accumu(gm, node, other, reads, fmt):
     """``other`` itself when it is dead after the op, else a clone in the output's layout."""
     why = _why_not_inplace(node, other, reads)
@@ -194,44 +193,28 @@ def _run(name):
     return getattr(P, name).default
 
 
-def _lower(gm, node, kind, x, w, b, other, chain, scalars, fmt, params, build, accumulate,
-           mul_ok=False):
+def _lower(gm, node, kind, x, w, b, other, chain, scalars, fmt, params, build):
     """Shared by conv and linear: choose the run op for the chain, then mutate."""
-    prefix = {"conv": "convolution", "conv_transpose": "conv_transpose", "linear": "linear"}[kind]
-    text = kind.replace("_", " ")
-    key = tuple(chain)
-    if not chain or (len(chain) == 1 and chain[0] in UNARY):
-        infix, to_scalars = UNARY[chain[0]] if chain else (None, list)
-        run_scalars = to_scalars(list(scalars))
-        if isinstance(run_scalars, str):
-            return run_scalars
-        if any(isinstance(s, float) and not math.isfinite(s) for s in run_scalars):
-            return f"post-op parameters {run_scalars} are not finite"
-        op = f"{prefix}_{infix}_run" if infix else f"{prefix}_run"
-        mode = "unary"
-    elif key in accumulate:
-        if (reason := _full_shape_reason(other, node, f"{prefix}_{accumulate[key][0]}_run")):
-            return reason
-        infix, alpha = accumulate[key]
-        op, mode = f"{prefix}_{infix}_run", "accumulate"
-    elif mul_ok and key == ("mul",):
-        if (reason := _full_shape_reason(other, node, "linear_mul_run")):
-            return reason
-        op, mode = "linear_mul_run", "mul"
-    else:
-        return f"no IPEX {text} kernel for post-op chain {list(chain)}"
+    chosen = run_op(kind, chain, scalars)
+    if isinstance(chosen, str):
+        return chosen
+    op, mode, run_scalars = chosen
+    if mode == "accumulate":
+        alpha = run_scalars
+    if mode != "unary" and (reason := _full_shape_reason(other, node, op)):
+        return reason
     try:
         found, fresh = _context(gm, kind, w, b, params, build)
     except Exception as e:  # IPEX refused the weight: decline, nothing mutated yet
         return f"IPEX {prefix}_prepack failed: {type(e).__name__}: {e}"
     ctx = _attach(gm, node, found, fresh)
     if mode == "unary":
-        new = _emit(gm, node, _run(op), (x, *run_scalars, ctx))
+        new = emit(gm, node, _run(op), (x, *run_scalars, ctx))
     elif mode == "mul":
-        new = _emit(gm, node, _run(op), (x, other, ctx))
+        new = emit(gm, node, _run(op), (x, other, ctx))
     else:
         acc, note = _accumu(gm, node, other, (x, w, b), fmt)
-        new = _emit(gm, node, _run(op), (x, acc), {"alpha": alpha, "W_prepack": ctx}, note)
+        new = emit(gm, node, _run(op), (x, acc), {"alpha": alpha, "W_prepack": ctx}, note)
     _drop_if_unused(gm, w)
     _drop_if_unused(gm, b)
     return f"ipex_prepack.{op}", new
@@ -262,14 +245,13 @@ def lower_conv(gm, node):
             return P.conv_transpose_prepack(wt, bt, stride, padding, output_padding, groups,
                                             dilation, cl, sizes)
         return _lower(gm, node, "conv_transpose", x, w, b, other, post, scalars, fmt, params,
-                      build, accumulate={})  # IPEX's transposed add runs are wrong
+                      build)
 
     params = (stride, padding, dilation, groups)
 
     def build(wt, bt):
         return P.convolution_prepack(wt, bt, stride, padding, dilation, groups, cl, sizes)
-    return _lower(gm, node, "conv", x, w, b, other, post, scalars, fmt, params, build,
-                  CONV_ACCUMULATE)
+    return _lower(gm, node, "conv", x, w, b, other, post, scalars, fmt, params, build)
 
 
 def lower_linear(gm, node):
@@ -285,11 +267,27 @@ def lower_linear(gm, node):
     def build(wt, bt):
         return P.linear_prepack(wt, bt, rows)  # rows: a hint only; any batch runs
     return _lower(gm, node, "linear", x, w, b, other, post, scalars, torch.contiguous_format,
-                  (), build, ACCUMULATE, mul_ok=True)
+                  (), build)
 
 
-TABLE = {fp.conv: lower_conv, fp.linear: lower_linear}
+def check(f):
+    """The pure part of the choice (the rest — constant weights, layouts, prepacking —
+    is checked by the builders, which return a reason before they mutate)."""
+    if (reason := operand_reason("IPEX", f.x, f.weight, f.bias, f.other)):
+        return reason
+    if f.family == "linear":
+        if f.x.dim() < 2:
+            return "linear on a 1-d input"
+        kind = "linear"
+    else:
+        if f.out is not None and f.out.dim() == 3 and not f.transposed:
+            return ("IPEX's conv1d writes an (N, L, C)-strided output and is deprecated in "
+                    "IPEX 2.9")
+        kind = "conv_transpose" if f.transposed else "conv"
+    chosen = run_op(kind, f.post, f.scalars)
+    return chosen if isinstance(chosen, str) else None
 
 
-def lower_node(gm, node):
-    return TABLE[node.target](gm, node)
+SHAPES = [(), ("unary",), ("binary",), ("binary", "unary"), ("unary", "binary")]
+register("ipex", fp.conv, SHAPES, KERNEL_DTYPES, check, lower_conv)
+register("ipex", fp.linear, SHAPES[:4], KERNEL_DTYPES, check, lower_linear)

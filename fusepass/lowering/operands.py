@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from fusepass.ir import val
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+from fusepass.patterns.guards import KERNEL_DTYPES
 
 
-def operand_reason(target: str, *nodes):
-    """A reason the ``target`` kernels cannot take these operands, or None."""
-    vals = [val(t) for t in nodes if t is not None]
-    if any(v is None for v in vals):
+def operand_reason(target: str, *values):
+    """A reason the ``target`` kernels cannot take these operands (fake values, or None
+    for an absent bias/other), or None."""
+    vals = [v for v in values if v is not None]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
         return "operand without meta['val']"
     if vals[0].dtype not in KERNEL_DTYPES:
         return f"no {target} kernel for dtype {vals[0].dtype}"

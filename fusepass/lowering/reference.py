@@ -24,5 +24,15 @@ def expand(gm, node):
     return out
 
 
-def lower_node(gm, node):
-    return "aten." + expand(gm, node).target.__name__.split(".")[0], None
+def apply_tail(gm, node, head, other, post, scalars):
+    """The post-ops ``post`` (with their scalars) applied as ATen to ``head``'s result,
+    inserted before ``node``; returns the last node."""
+    tracer = fx.proxy.GraphAppendingTracer(gm.graph)
+    o = fx.Proxy(other, tracer) if isinstance(other, fx.Node) else other
+    before = set(gm.graph.nodes)
+    with gm.graph.inserting_before(node):
+        out = fp.apply_chain(fx.Proxy(head, tracer), o, post, scalars).node
+    for n in gm.graph.nodes:
+        if n not in before:
+            infer_meta(gm, n)
+    return out
