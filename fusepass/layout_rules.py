@@ -24,6 +24,7 @@ import torch
 
 from fusepass import ops as fp
 from fusepass.ir import full_args
+from fusepass.postops import REGISTRY
 
 aten = torch.ops.aten
 CL = torch.channels_last
@@ -75,14 +76,14 @@ RULES: dict = {
     operator.getitem: LayoutRule((), None),
 }
 # pointwise: every tensor argument is an activation (broadcast operands such as [C,1,1]
-# or [N,C,1,1] are channels-last already and need no conversion)
-for _op in ["relu", "sigmoid", "tanh", "silu", "gelu", "hardtanh", "leaky_relu", "elu",
-            "hardswish", "hardsigmoid", "mish", "neg", "abs", "exp", "sqrt", "rsqrt",
-            "reciprocal", "erf", "softplus", "maximum", "minimum"]:
-    RULES[getattr(aten, _op).default] = _ALL
+# or [N,C,1,1] are channels-last already and need no conversion): the registry's
+# layout-tolerant post-ops, their Scalar forms, and pointwise ops that are no post-ops
+RULES.update({p.aten: _ALL for p in REGISTRY.values() if p.layout_tolerant and p.aten})
 for _op in ["add", "sub", "mul", "div"]:
-    RULES[getattr(aten, _op).Tensor] = _ALL
     RULES[getattr(aten, _op).Scalar] = _ALL
+for _op in ["mish", "neg", "abs", "exp", "sqrt", "rsqrt", "reciprocal", "erf", "softplus",
+            "maximum", "minimum"]:
+    RULES[getattr(aten, _op).default] = _ALL
 RULES.update({aten.clamp.default: _ALL, aten.pow.Tensor_Scalar: _ALL, aten.where.self: _ALL})
 
 

@@ -26,28 +26,16 @@ import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fusepass.ir import val
+from fusepass.postops import REGISTRY
 from fusepass.lowering.inplace import why_not_inplace
 
 aten = torch.ops.aten
 
-# functional op -> (in-place op, operand positions that may receive the result)
-TABLE = {
-    aten.mul.Tensor: (aten.mul_.Tensor, (0, 1)),
-    aten.add.Tensor: (aten.add_.Tensor, (0, 1)),
-    aten.sub.Tensor: (aten.sub_.Tensor, (0,)),
-    aten.div.Tensor: (aten.div_.Tensor, (0,)),
-    aten.relu.default: (aten.relu_.default, (0,)),
-    aten.sigmoid.default: (aten.sigmoid_.default, (0,)),
-    aten.tanh.default: (aten.tanh_.default, (0,)),
-    aten.silu.default: (aten.silu_.default, (0,)),
-    aten.hardswish.default: (aten.hardswish_.default, (0,)),
-    aten.hardsigmoid.default: (aten.hardsigmoid_.default, (0,)),
-    aten.hardtanh.default: (aten.hardtanh_.default, (0,)),
-    aten.leaky_relu.default: (aten.leaky_relu_.default, (0,)),
-    aten.elu.default: (aten.elu_.default, (0,)),
-    aten.gelu.default: (aten.gelu_.default, (0,)),
-    aten.clamp.default: (aten.clamp_.default, (0,)),
-}
+# functional op -> (in-place op, operand positions that may receive the result): every
+# post-op of the registry (fusepass/postops.py) with an in-place twin, and clamp (a
+# spelling of hardtanh, not a post-op of its own)
+TABLE = {p.aten: (p.inplace, p.inplace_operands) for p in REGISTRY.values() if p.inplace}
+TABLE[aten.clamp.default] = (aten.clamp_.default, (0,))
 # a "read again" or "graph input" decline is the common, uninteresting case: not reported
 _QUIET = ("is read again", "is a graph input", "is a constant", "not a tensor of this graph")
 
