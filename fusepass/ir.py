@@ -104,10 +104,6 @@ def emit(gm: fx.GraphModule, node: fx.Node, target, args, kwargs=None, note=None
     return new
 
 
-def users_outside(node: fx.Node, inside: set) -> list:
-    return [u for u in node.users if u not in inside]
-
-
 def is_output_value(node: fx.Node) -> bool:
     return any(u.op == "output" for u in node.users)
 

@@ -21,6 +21,7 @@ from fusepass.postops import REGISTRY
 aten = torch.ops.aten
 
 POST_OPS = REGISTRY  # name -> PostOp (fusepass/postops.py: one row per post-op)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what some target's fused kernels compute in
 
 
 def split_chain(post: Sequence[str], scalars: Sequence[float]):

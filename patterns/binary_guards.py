@@ -21,11 +21,6 @@ import torch.fx as fx
 from fusepass import ops as fp
 
 
-def fused_node(m):
-    """The conv/linear node of a binary match."""
-    return next(n for n in m.nodes if n.target in fp.FUSED_OPS)
-
-
 def empty_chain(m):
     """The conv/linear carries no post-op yet: the binary post-op must come first."""
     post = list(m["post"])
@@ -56,7 +51,7 @@ def alpha_is_one(m):
 
 def same_shape(m):
     """other has the conv/linear output's shape: a sum, not a broadcast."""
-    o, y = m.val("other"), fused_node(m).meta.get("val")
+    o, y = m.val("other"), m.fused.meta.get("val")
     if y is None:
         return "conv/linear output has no meta['val']"
     if tuple(o.shape) == tuple(y.shape):
@@ -70,7 +65,7 @@ def same_shape(m):
 
 
 def same_dtype(m):
-    o, y = m.val("other"), fused_node(m).meta.get("val")
+    o, y = m.val("other"), m.fused.meta.get("val")
     if o.dtype != y.dtype:
         return f"dtype promotion: other is {o.dtype}, output {y.dtype}"
     if o.device != y.device:
@@ -80,7 +75,7 @@ def same_dtype(m):
 
 def no_cycle(m):
     """other must not depend on the conv/linear output (the fused op would need itself)."""
-    src, other = fused_node(m), m["other"]
+    src, other = m.fused, m["other"]
     if other is src:
         return "other is the conv/linear output itself (y + y): nothing to fuse"
     if other < src:  # topological order: no path from src to an earlier node
@@ -101,7 +96,7 @@ def eager_layout(m):
     """The fused op's result is laid out as the conv/linear output; eager lays ``y (+) other``
     out after its operands (``other + conv(x)`` after ``other``): where the two differ,
     fusing would hand back other strides than eager gives."""
-    y, out = fused_node(m).meta.get("val"), m.anchor.meta.get("val")
+    y, out = m.fused.meta.get("val"), m.anchor.meta.get("val")
     if y is None or out is None:
         return None
     if all(a == b for a, b, d in zip(y.stride(), out.stride(), y.shape) if d > 1):

@@ -17,13 +17,8 @@ import torch.fx as fx
 from fusepass import ops as fp
 
 
-def fused(m):
-    """The conv/linear node of a fold match."""
-    return next(n for n in m.nodes if n.target in fp.FUSED_OPS)
-
-
 def _kind(m):
-    return "conv" if fused(m).target is fp.conv else "linear"
+    return "conv" if m.fused.target is fp.conv else "linear"
 
 
 def is_constant_expr(gm, node, depth=0) -> bool:
@@ -59,12 +54,12 @@ def constant_value(gm, node, memo=None):
 
 def plain_op(m):
     """The conv/linear carries no post-op yet (folds run before fusion)."""
-    _, post, _ = fp.chain_of(fused(m))
-    return f"{fused(m).name} already carries post-ops {post}" if post else None
+    _, post, _ = fp.chain_of(m.fused)
+    return f"{m.fused.name} already carries post-ops {post}" if post else None
 
 
 def weights_constant(m):
-    node = fused(m)
+    node = m.fused
     for what, arg in (("weight", node.args[1]), ("bias", node.args[2])):
         if not is_constant_expr(m.gm, arg):
             return f"{what} of {node.name} is not a frozen constant"
@@ -72,7 +67,7 @@ def weights_constant(m):
 
 
 def float_result(m):
-    dt = fused(m).meta["val"].dtype
+    dt = m.fused.meta["val"].dtype
     if not dt.is_floating_point:
         return f"integer {_kind(m)} output ({dt}): folding through float64 is not exact"
     return None
@@ -93,7 +88,7 @@ def per_channel(m):
     c = m.val("c")
     if not isinstance(c, torch.Tensor):
         return None
-    y, out = fused(m).meta["val"], m.anchor.meta["val"]
+    y, out = m.fused.meta["val"], m.anchor.meta["val"]
     kind = _kind(m)
     if tuple(out.shape) != tuple(y.shape):
         return (f"constant of shape {tuple(c.shape)} would enlarge the {kind} output "
@@ -108,7 +103,7 @@ def per_channel(m):
 
 
 def no_promotion(m):
-    y, out = fused(m).meta["val"], m.anchor.meta["val"]
+    y, out = m.fused.meta["val"], m.anchor.meta["val"]
     if out.dtype != y.dtype:
         c = m.val("c")
         cd = c.dtype if isinstance(c, torch.Tensor) else type(c).__name__
@@ -149,7 +144,7 @@ def bn_eval(m):
 
 
 def bn_channels(m):
-    y = fused(m).meta["val"]
+    y = m.fused.meta["val"]
     if _kind(m) == "linear" and y.dim() != 2:
         return (f"BatchNorm normalizes dim 1 of the {y.dim()}-d linear output "
                 f"{tuple(y.shape)}, not its output features")

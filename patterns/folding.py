@@ -33,16 +33,13 @@ import torch.fx as fx
 from fusepass import ops as fp
 from fusepass.patterns import fold_guards as F
 from fusepass.patterns import guards as G
-from fusepass.patterns.table import Rule
+from fusepass.patterns.epilogues import CONV_ARGS, LINEAR_ARGS
+from fusepass.patterns.table import Rule, with_signature
 
 aten = torch.ops.aten
 F64 = torch.float64
 
-FAMILIES = {
-    "conv": (fp.conv, ["x", "weight", "bias", "stride", "padding", "dilation", "transposed",
-                       "output_padding", "groups", "other", "post", "scalars"]),
-    "linear": (fp.linear, ["x", "weight", "bias", "other", "post", "scalars"]),
-}
+FAMILIES = {"conv": (fp.conv, CONV_ARGS), "linear": (fp.linear, LINEAR_ARGS)}
 
 
 def _val(p):
@@ -105,7 +102,7 @@ def _scaled(v, k, w, cout):
 
 
 def _conv_first(m):
-    return m.anchor.args[0] is F.fused(m)
+    return m.anchor.args[0] is m.fused
 
 
 BINARY = {
@@ -137,12 +134,6 @@ COMMON = (F.plain_op, F.float_result, F.weights_constant, F.per_channel,
           F.no_promotion, F.finite_constant)
 
 
-def _signature(fn, names):
-    fn.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
-    return fn
-
-
 def binary_row(family: str, spelling: str) -> Rule:
     op, base_names = FAMILIES[family]
     fragment, to_affine, extra, when, doc = BINARY[spelling]
@@ -165,8 +156,8 @@ def binary_row(family: str, spelling: str) -> Rule:
         return F.constant_operand(m) and (when is None or when(m))
 
     candidate.__name__ = f"constant_operand[{spelling}]"
-    return Rule(f"fold.const.{family}.{spelling}", _signature(pattern, names),
-                _signature(replacement, names), G.all_of(*guards),
+    return Rule(f"fold.const.{family}.{spelling}", with_signature(pattern, names),
+                with_signature(replacement, names), G.all_of(*guards),
                 f"{family}(x) then {doc} -> {family} with the constant in W and b", candidate)
 
 
@@ -203,7 +194,7 @@ def bn_row(family: str, form: str) -> Rule:
             d = aten.add.Tensor(d, _f64(bn["bn_bias"]))
         return fold_affine(family, base, s, d)
 
-    return Rule(f"fold.{form}.{family}", _signature(pattern, names), _signature(replacement, names),
+    return Rule(f"fold.{form}.{family}", with_signature(pattern, names), with_signature(replacement, names),
                 G.all_of(*BN_GUARDS),
                 f"{family}(x) then eval BatchNorm ({form}) -> {family} with W*s, (b-mean)*s+beta")
 

@@ -6,9 +6,7 @@ They read only ``meta["val"]``, bound literals, user counts and dtypes — and, 
 """
 from __future__ import annotations
 
-import torch
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what some target's kernels compute in
+from fusepass.ops import KERNEL_DTYPES
 
 
 def all_of(*guards):

@@ -11,6 +11,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from fusepass.ops import FUSED_OPS
+
 
 @dataclass
 class Match:
@@ -24,6 +26,11 @@ class Match:
 
     def __getitem__(self, name):
         return self.bindings[name]
+
+    @property
+    def fused(self):
+        """The conv/linear (fusepass op) node among the matched nodes."""
+        return next(n for n in self.nodes if n.target in FUSED_OPS)
 
     def val(self, name):
         b = self.bindings[name]

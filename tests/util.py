@@ -8,6 +8,7 @@ import torch
 from hypothesis import settings
 
 import fusepass
+from fusepass.check import TOLERANCE
 
 # What the CPU runs natively decides which kernels exist: oneDNN's bf16 kernels need
 # avx512bw/vl/dq or avx_ne_convert (an AVX2-only Zen 3 has neither). A test that needs
@@ -17,8 +18,7 @@ needs_native_bf16 = pytest.mark.skipif(
     not NATIVE_BF16, reason="CPU lacks native bf16 (oneDNN's bf16 kernels need avx512bw/vl/dq "
     "or avx_ne_convert)")
 
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float64: (1e-9, 1e-9),
-       torch.float16: (1e-2, 1e-2)}
+TOL = TOLERANCE  # fusepass.check's table: one tolerance per dtype for check mode and tests
 
 
 def examples(n: int) -> int:

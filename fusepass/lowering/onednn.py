@@ -16,7 +16,8 @@ from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
 from fusepass.ir import emit, val
-from fusepass.lowering.operands import KERNEL_DTYPES, operand_reason
+from fusepass.lowering.operands import operand_reason
+from fusepass.ops import KERNEL_DTYPES
 from fusepass.lowering import inplace
 from fusepass.lowering.table import register
 from fusepass.postops import REGISTRY

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fusepass.patterns.guards import KERNEL_DTYPES
+from fusepass.ops import KERNEL_DTYPES
 
 
 def operand_reason(target: str, *values):
