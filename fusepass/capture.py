@@ -179,6 +179,7 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
             _functional_restride(gm, n)
         elif (bn_args := batch_norm_as_native(n)) is not None:  # torch 2.8's spellings
             _swap(gm, n, aten.native_batch_norm.default, bn_args)
+    _batch_norm_strides(gm)
     structured = _structured_output(gm, spec["out"])
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -230,17 +231,34 @@ def _canonical_matmul(gm, n):
 
 
 def _functional_restride(gm, n):
-    """Decompositions (adaptive_avg_pool2d to 1x1) restore a memory format with an
-    in-place ``as_strided_`` that only changes the strides of size-1 dims: no element
-    moves, so it is dropped (the IR is functional; strides of size-1 dims mean nothing)."""
+    """Decompositions (adaptive_avg_pool2d/3d to 1x1) restore a memory format with an
+    in-place ``as_strided_`` that only changes the strides of size-1 dims. No element
+    moves, but a convolution reads those strides to choose its layout: the functional
+    ``as_strided`` view (same size, same strides) keeps them, in the functional IR."""
     t, size, stride = n.args[:3]
     offset = n.args[3] if len(n.args) > 3 else None
     v = t.meta["val"]
     if offset not in (None, 0) or list(size) != list(v.shape) or len(t.users) != 1:
         return
     if all(a == b for a, b, k in zip(v.stride(), stride, size) if k != 1):
-        n.replace_all_uses_with(t)
-        gm.graph.erase_node(n)
+        _swap(gm, n, aten.as_strided.default, (t, list(size), list(stride)))
+
+
+def _batch_norm_strides(gm):
+    """The fake ``native_batch_norm`` keeps its input's strides; the CPU kernel does not
+    always (``ir.as_cpu_kernel_writes``), and the next conv reads those strides to choose
+    its layout. Fix such results' meta and re-propagate what follows them (rare: only
+    inputs that are contiguous and channels-last at once)."""
+    from fusepass.ir import as_cpu_kernel_writes, infer_meta
+    stale = False
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if stale:
+            infer_meta(gm, n)
+        fixed = as_cpu_kernel_writes(n, n.meta.get("val"))
+        if fixed is not n.meta.get("val"):
+            n.meta["val"], stale = fixed, True
 
 
 def _freeze(gm, placeholder, tensor, name, attr):

@@ -73,6 +73,25 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, before: fx
     return n
 
 
+_BATCH_NORM = {torch.ops.aten.native_batch_norm.default,
+               torch.ops.aten._native_batch_norm_legit_no_training.default}
+
+
+def as_cpu_kernel_writes(node: fx.Node, out):
+    """``out`` (a fake result of ``node``) with the strides the CPU kernel really writes,
+    where the fake kernel differs (measured, torch 2.13): ``native_batch_norm`` of an input
+    that is contiguous and channels-last at once (C == 1, [N,C,1,1]) writes a contiguous
+    result; the fake keeps the input's channels-last strides."""
+    if node.target not in _BATCH_NORM or not isinstance(out, (tuple, list)):
+        return out
+    x = node.args[0].meta.get("val")
+    if x is None or not x.is_contiguous():
+        return out
+    with out[0].fake_mode:
+        y = torch.empty(out[0].shape, dtype=out[0].dtype, device=out[0].device)
+    return out if y.stride() == out[0].stride() else (y, *out[1:])
+
+
 def infer_meta(gm: fx.GraphModule, node: fx.Node):
     """Fill node.meta["val"] by running its target on the fake values of its inputs."""
     mode = fake_mode_of(gm)
@@ -88,7 +107,7 @@ def infer_meta(gm: fx.GraphModule, node: fx.Node):
         node.meta["val"] = mode.from_tensor(getattr(gm, node.target), static_shapes=True)
     elif node.op == "call_function":
         with mode:
-            node.meta["val"] = node.target(*args, **kwargs)
+            node.meta["val"] = as_cpu_kernel_writes(node, node.target(*args, **kwargs))
 
 
 def emit(gm: fx.GraphModule, node: fx.Node, target, args, kwargs=None, note=None) -> fx.Node:

@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fusepass.ir import pin_constants
+from fusepass.ir import as_cpu_kernel_writes, pin_constants
 from fusepass.lowering import lower
 from fusepass.passes.fold_batchnorm import fold_batchnorm
 from fusepass.passes.fold_binary_constants import fold_binary_constants
@@ -133,6 +133,7 @@ def verify(gm):
             kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
             with mode:
                 out = n.target(*args, **kwargs)
+            out = as_cpu_kernel_writes(n, out)
         env[n] = out
         got, want = tree_flatten(out)[0], tree_flatten(n.meta.get("val"))[0]
         for g, w in zip(got, want):
@@ -170,7 +171,7 @@ def kernel_value(gm, mode, n, env):
         suggest_memory_format(x), suggest_memory_format(w)))
     fmt = torch.channels_last if cl else torch.contiguous_format
     with mode:
-        return torch.empty(v.shape, dtype=v.dtype).to(memory_format=fmt)
+        return torch.empty(v.shape, dtype=v.dtype, memory_format=fmt)
 
 
 def _is_kernel(target) -> bool:

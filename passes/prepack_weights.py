@@ -14,9 +14,10 @@ variants by input shape). But with a packed weight the out-of-place conv kernels
 channels-last output even for an NCHW input; packing such a conv would change the layout
 downstream (a ``view`` could fail, an output's strides differ from eager's), so convs
 whose output is not already channels-last (``propagate_layout`` declined or disabled)
-keep their dense weight (layout is decided in one place, ``propagate_layout``). Outputs
-of shape [N,C,1,1] are channels-last and contiguous at once and are packed; their meta
-takes the packed kernel's (channels-last) strides.
+keep their dense weight (layout is decided in one place, ``propagate_layout``). The test
+is exact, size-1 dims included: an output that is channels-last only by ambiguity (C == 1,
+or [N,C,1,1] laid out contiguous) would come back with other strides, and the next conv
+reads them to choose its layout.
 
 Weights are deduplicated: one packed tensor per (weight, conv parameters), shared by
 every node using it. ``meta["val"]`` of a packed constant is the dense weight's fake
@@ -26,6 +27,7 @@ each weight and the bytes the packed copies add.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fusepass.ir import add_constant, constant, delete_unused_attrs, fake_mode_of, is_constant, val
@@ -52,11 +54,59 @@ def _why_not(gm, node, kind, x, w):
         y = val(node)
         if t.dim() != 4:
             return f"{t.dim() - 2}-d convolution: only 2-d conv weights are packed"
-        if y is None or not y.is_contiguous(memory_format=torch.channels_last):
-            return ("NCHW conv: with a packed weight oneDNN returns channels-last, which would "
-                    "change the layout eager gives downstream (propagate_layout decides layout)")
-        if tuple(y.stride()) != cl_strides(y.shape) and any(u.op == "output" for u in node.users):
-            return f"graph output with strides {tuple(y.stride())}, packed kernel gives channels-last"
+        if y is None or tuple(y.stride()) != cl_strides(y.shape):
+            return _ambiguous_reason(gm, node, y)
+    return None
+
+
+def _restrided(gm, node, y):
+    """The fake value of ``node`` with the packed kernel's (channels-last) strides."""
+    with fake_mode_of(gm):
+        return torch.empty_strided(y.shape, cl_strides(y.shape), dtype=y.dtype)
+
+
+def _ambiguous_reason(gm, node, y):
+    """A packed conv returns channels-last. Where the output already is channels-last in
+    memory but not in its strides (size-1 dims: [N,C,1,1] squeeze-excite convs, C == 1),
+    packing is taken only when nobody can tell (``_unseen``), decided before anything
+    changes."""
+    reason = (f"NCHW conv (output strides {None if y is None else tuple(y.stride())}): with "
+              "a packed weight oneDNN returns channels-last, which would change the layout "
+              "eager gives downstream (propagate_layout decides layout)")
+    if y is None or fake_mode_of(gm) is None or not _same_memory(y.stride(), cl_strides(y.shape), y.shape):
+        return reason
+    why = _unseen(gm, node, _restrided(gm, node, y))
+    return None if why is None else f"{reason} ({why})"
+
+
+def _same_memory(a, b, shape) -> bool:
+    return all(x == z for x, z, d in zip(a, b, shape) if d > 1)
+
+
+def _unseen(gm, node, new, depth=0):
+    """None when ``node`` taking the value ``new`` changes no user's result strides: an ATen
+    user is re-run on fake values; a stock oneDNN conv user (which reads its input's strides
+    to choose its layout) is followed when its own result stays the same memory; anything
+    else (a graph output, another kernel) can tell."""
+    for u in node.users:
+        if u.op != "call_function" or depth > 4:
+            return f"{u.name} reads the strides"
+        if u.target in KERNELS and KERNELS[u.target][0] == "conv" and u.args[KERNELS[u.target][1]] is node:
+            v = u.meta["val"]
+            out = _restrided(gm, u, v) if v.dim() == 4 else None
+            if out is None or not _same_memory(out.stride(), v.stride(), v.shape):
+                return f"{u.name} would change layout"
+            if tuple(out.stride()) != tuple(v.stride()) and (why := _unseen(gm, u, out, depth + 1)):
+                return why
+            continue
+        if getattr(u.target, "namespace", None) != "aten":
+            return f"{u.name} reads the strides"
+        args = fx.node.map_arg(u.args, lambda a: new if a is node else a.meta["val"])
+        kwargs = fx.node.map_arg(u.kwargs, lambda a: new if a is node else a.meta["val"])
+        with fake_mode_of(gm):
+            out = u.target(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.stride() != u.meta["val"].stride():
+            return f"{u.name}'s result would change layout"
     return None
 
 
@@ -95,11 +145,8 @@ def prepack_weights(gm, *, options, report) -> PassResult:
         users[key] = users.get(key, 0) + 1
         node.update_arg(wi, packed[key])
         y = val(node)
-        mode = fake_mode_of(gm)
-        if kind == "conv" and tuple(y.stride()) != cl_strides(y.shape) and mode is not None:
-            # [N,C,1,1]: channels-last and contiguous at once; the packed kernel's strides
-            with mode:
-                node.meta["val"] = torch.empty_strided(y.shape, cl_strides(y.shape), dtype=y.dtype)
+        if kind == "conv" and tuple(y.stride()) != cl_strides(y.shape):
+            node.meta["val"] = _restrided(gm, node, y)  # _ambiguous_reason: nobody can tell
         shared = f", shared with {users[key] - 1} earlier node(s)" if users[key] > 1 else ""
         report.record("prepack_weights", f"prepack.{kind}", node.name, "rewritten",
                       f"{w.name} -> {packed[key].target}{shared}")

@@ -43,10 +43,36 @@ def _operands(f, *extra):
     return operand_reason("oneDNN", f.x, f.weight, f.bias, f.other, *extra)
 
 
+def kernel_format(x, w, dim):
+    """The memory format stock oneDNN's conv writes (ATen's mkldnn Conv.cpp, torch 2.13):
+    channels-last for 4-d/5-d when the input or the weight suggests it, else contiguous
+    (conv1d always). A packed weight makes it channels-last too (prepack_weights packs only
+    where the result already is)."""
+    if dim in (4, 5) and (_suggests_channels_last(x) or _suggests_channels_last(w)):
+        return torch.channels_last if dim == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def layout_reason(f):
+    """The kernel writes exactly the strides eager gives (``f.out``'s): eager picks its conv
+    kernel by heuristics, and a 3-d conv fed channels-last, or a conv1d fed a permuted
+    input, comes back in another layout than oneDNN's. Exactly, size-1 dims included: the
+    next conv reads them to choose its own layout."""
+    y = f.out
+    if f.x is None or y is None or not isinstance(y, torch.Tensor):
+        return None
+    fmt = kernel_format(f.x, f.weight, y.dim())
+    want = torch.empty(y.shape, device="meta", memory_format=fmt).stride()
+    if tuple(want) == tuple(y.stride()):
+        return None
+    return (f"oneDNN's conv writes {str(fmt).replace('torch.', '')} {tuple(want)}, eager "
+            f"gives strides {tuple(y.stride())}")
+
+
 def conv_check(f):
     if f.transposed:
         return "transposed convolution has no lowering in the onednn target"
-    return _operands(f)
+    return _operands(f) or layout_reason(f)
 
 
 def conv_binary_check(f):
