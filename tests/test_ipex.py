@@ -272,6 +272,7 @@ def test_what_ipex_lacks_goes_to_onednn_reported(case, kernel, reason):
         assert_close(gm(*args), m.eager(*args))
 
 
+@pytest.mark.expect_kept
 @pytest.mark.parametrize("case,reason", [
     (dict(family="conv2d", post=["elu"], scalars=[1.0, 1.0507, 1.6733]), "no oneDNN"),  # SELU
     (dict(family="conv2d", post=["add"], other="bcast"), "shape"),
