@@ -284,21 +284,44 @@ def test_negative_cases_leave_the_graph_and_say_why(name):
         assert_close(gm(x, t), m(x, t), torch.float32)  # the conv runs in fp32 throughout
 
 
-@pytest.mark.parametrize("fn,reason", [
-    (lambda s, y, t: y + s.c, "is a constant that broadcasts"),
-    (lambda s, y, t: y * 2.0, "is the scalar 2.0"),
-])
-def test_constant_operands_are_folding_business(fn, reason):
+CONSTANTS = {
+    # name: (fn(self, y, t), passes disabled, *outcomes): ("folded", the fold row) or
+    #       ("declined", the row that declines, its reason); the binary rows never fuse it
+    "per-channel constant folds": (lambda s, y, t: y + s.c, [],
+                                   ("folded", "fold.const.conv.add")),
+    "scalar folds": (lambda s, y, t: y * 2.0, [], ("folded", "fold.const.conv.mul")),
+    "per-channel constant, folding off": (
+        lambda s, y, t: y + s.c, ["fold_binary_constants"],
+        ("declined", "conv2d.add", "other is a constant that broadcasts")),
+    "scalar, folding off": (lambda s, y, t: y * 2.0, ["fold_binary_constants"],
+                            ("declined", "conv2d.mul", "other is the scalar 2.0")),
+    # neither folds (not per channel) nor fuses (not the output's shape)
+    "non-channel constant": (
+        lambda s, y, t: y + s.c.view(1, 1, 1, 6)[..., :5], [],
+        ("declined", "fold.const.conv.add", "broadcasts along non-channel dim(s) [3]"),
+        ("declined", "conv2d.add", "other is a constant that broadcasts")),
+}
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_constant_operands_are_folding_business(name):
     """A per-channel constant or a scalar folds into the weights (fold_binary_constants);
-    the binary rows never take it, and say why when nothing folded it first."""
+    the binary rows never take a constant, and say why when nothing folded it first."""
+    fn, disable, *outcomes = CONSTANTS[name]
     torch.manual_seed(0)
     m = Neg(fn).eval()
     x, t = torch.randn(1, 4, 5, 5), torch.randn(1, 6, 5, 5)
-    gm = optimize(m, [x, t])
+    gm = optimize(m, [x, t], disable=disable)
     rep = gm.fusepass_report
-    assert not any(r.startswith("conv2d.") for r in fused(rep))
-    if not any(d.stage.startswith("fold") and d.action == "rewritten" for d in rep.decisions):
-        assert any(reason in r for r in declined(rep)), rep.summary()
+    assert not any(r.startswith("conv2d.") for r in fused(rep)), rep.summary()
+    op = "aten.mul" if outcomes[0][1].endswith(".mul") else "aten.add"
+    folded = [o[1] for o in outcomes if o[0] == "folded"]
+    assert rep.counts == {row: 1 for row in folded}, rep.summary()
+    for _, row, reason in (o for o in outcomes if o[0] == "declined"):
+        assert any(reason in r for r in declined(rep, row)), (row, reason, rep.summary())
+    if folded:  # folded before fuse ran: no binary row saw it
+        assert not [d for d in rep.declined if d.rule.startswith("conv2d.")], rep.summary()
+    assert histogram(gm)[op] == (0 if folded else 1)
     with torch.no_grad():
         assert_close(gm(x, t), m(x, t))
 
