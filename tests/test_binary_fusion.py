@@ -10,13 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusepass.capture import capture, lift_module
-from fusepass.patterns import binary, binary_guards
+from fusepass.patterns import TABLE, binary, binary_guards
 from fusepass.rewrite import match_at
 from tests.util import assert_close, examples, histogram, optimize
 
 OPS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
 CONV = {"conv1d": torch.nn.Conv1d, "conv2d": torch.nn.Conv2d, "conv3d": torch.nn.Conv3d}
-ROWS = [r.name for r in binary.ROWS]
+# the binary rows, as the table has them (the cases below: a family in CONV or linear, an
+# op in OPS; test_every_binary_row_has_a_case)
+ROWS = [r.name for r in TABLE if any(r is b for b in binary.ROWS)]
+CONV_ROWS = [r for r in ROWS if r.split(".")[0] in CONV]
+LINEAR_ROWS = [r for r in ROWS if r.split(".")[0] == "linear"]
 # (row, conv/linear on the right): add and mul also match `t + conv(x)`
 CASES = [(r, False) for r in ROWS] + [(r, True) for r in ROWS if r.endswith((".add", ".mul"))]
 CONV_KERNELS = ("mkldnn._convolution_pointwise.binary", "mkldnn._convolution_pointwise_.binary")
@@ -82,6 +86,11 @@ CONV1D_KEPT = pytest.mark.expect_kept(r"^lower: oneDNN's binary conv kernels tak
 
 def _marked(row):
     return [CONV1D_KEPT] if row.split(".")[0] == "conv1d" else []
+
+
+def test_every_binary_row_has_a_case():
+    assert ROWS and sorted(ROWS) == sorted(CONV_ROWS + LINEAR_ROWS)
+    assert all(r.split(".")[1] in OPS for r in ROWS), ROWS
 
 
 @pytest.mark.parametrize("row,swapped", [pytest.param(r, s, marks=_marked(r), id=f"{r}-{s}")
@@ -158,9 +167,9 @@ def test_conv_add_then_silu_keeps_the_silu():
 # --- numerics vs eager on drawn shapes -------------------------------------------------
 
 @st.composite
-def conv_case(draw):
-    family = draw(st.sampled_from(["conv1d", "conv2d", "conv3d"]))
-    binop = draw(st.sampled_from(["add", "sub", "mul", "div"]))
+def conv_case(draw, row):
+    """Shapes, dtype and layout for one conv binary row (the row is the parameter)."""
+    family, binop = row.split(".")
     groups = draw(st.sampled_from([1, 2, 4]))
     cout = groups * draw(st.sampled_from([1, 2, 3]))
     k, stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
@@ -176,9 +185,11 @@ def conv_case(draw):
                 relu=draw(st.booleans()), inner=draw(st.booleans()))
 
 
-@settings(max_examples=examples(40))
-@given(conv_case(), st.integers(0, 2**16))
-def test_conv_rows_numerics_vs_eager(case, seed):
+@pytest.mark.parametrize("row", [pytest.param(r, marks=_marked(r), id=r) for r in CONV_ROWS])
+@settings(max_examples=examples(4))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_conv_rows_numerics_vs_eager(row, data, seed):
+    case = data.draw(conv_case(row), label="case")
     torch.manual_seed(seed)
     family, binop, kw, dtype = case["family"], case["binop"], case["kw"], case["dtype"]
     m = Residual(family, binop, case["swapped"], F.relu if case["relu"] else None,
@@ -194,8 +205,11 @@ def test_conv_rows_numerics_vs_eager(case, seed):
     t0 = t.clone()
     gm = optimize(m, [x, t])
     assert not gm.fusepass_report.fell_back, gm.fusepass_report.summary()
-    want = {f"{family}.{binop}": 1} | ({f"{family}.relu": 1} if case["relu"] else {})
+    want = {row: 1} | ({f"{family}.relu": 1} if case["relu"] else {})
     assert fused(gm.fusepass_report) == want, gm.fusepass_report.summary()
+    if family == "conv1d":  # see CONV1D_KEPT
+        (kept,) = gm.fusepass_report.where(stage="lower", action="kept")
+        assert "2-d and 3-d" in kept.reason, kept
     with torch.no_grad():
         expected = m(x, t)
         got = gm(x, t)
@@ -204,19 +218,21 @@ def test_conv_rows_numerics_vs_eager(case, seed):
     assert torch.equal(t, t0), "the residual input was written"
 
 
-@settings(max_examples=examples(25))
-@given(st.sampled_from(["add", "sub", "mul"]), st.booleans(), st.booleans(),
-       st.sampled_from([(2,), (1, 3), (2, 5)]), st.integers(1, 16), st.integers(1, 16),
-       st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
-def test_linear_rows_numerics_vs_eager(binop, swapped, inner, lead, cin, cout, bias, dtype, seed):
+@pytest.mark.parametrize("row", LINEAR_ROWS)
+@settings(max_examples=examples(8))
+@given(st.booleans(), st.booleans(), st.sampled_from([(2,), (1, 3), (2, 5)]), st.integers(1, 16),
+       st.integers(1, 16), st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**16))
+def test_linear_rows_numerics_vs_eager(row, swapped, inner, lead, cin, cout, bias, dtype, seed):
     torch.manual_seed(seed)
-    swapped = swapped and binop != "sub"
+    binop = row.split(".")[1]
+    swapped = swapped and binop in ("add", "mul")
     m = Residual("linear", binop, swapped, None, inner, cin=cin, cout=cout, bias=bias)
     m = m.eval().to(dtype)
     x = torch.randn(*lead, cin).to(dtype)
     t = (torch.rand(*lead, cout) + 0.5).to(dtype)
     gm = optimize(m, [x, t])
-    assert fused(gm.fusepass_report) == {f"linear.{binop}": 1}
+    assert fused(gm.fusepass_report) == {row: 1}
     with torch.no_grad():
         assert_close(gm(x, t), m(x, t), dtype)
 
