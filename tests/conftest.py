@@ -61,8 +61,8 @@ def _describe(ds) -> str:
              + (f"  (x{len(nodes)})" if len(nodes) > 1 else "")
              for (stage, action, rule, reason), nodes in groups.items()]
     if any(NO_NATIVE_BF16 in d.reason for d in ds):
-        lines.append("  (this CPU has no native bf16, tests.util.NATIVE_BF16: oneDNN's bf16 kernels "
-                     "raise here; fusepass must decline bf16 before lowering, not fail)")
+        lines.append("  (this CPU has no native bf16, tests.util.NATIVE_BF16: oneDNN's bf16 "
+                     "kernels raise here; fusepass must decline bf16 before lowering, not fail)")
     return "\n".join(lines)
 
 

@@ -14,9 +14,11 @@ def markers(**marks):
     return lambda name: marks.get(name)
 
 
-FALLBACK = Decision("runtime", "-", "conv_1", "fallback", "RuntimeError: boom; this variant now runs unoptimized")
+FALLBACK = Decision("runtime", "-", "conv_1", "fallback",
+                    "RuntimeError: boom; this variant now runs unoptimized")
 ERROR = Decision("fuse", "-", "-", "error", "ValueError: bad (pass undone)")
-KEPT = Decision("lower", "reference", "conv_2", "kept", "no oneDNN conv kernel for post-op chain ['elu']")
+KEPT = Decision("lower", "reference", "conv_2", "kept",
+                "no oneDNN conv kernel for post-op chain ['elu']")
 
 
 def test_an_unmarked_fallback_error_or_kept_is_listed_with_stage_node_and_reason():
@@ -29,7 +31,8 @@ def test_an_unmarked_fallback_error_or_kept_is_listed_with_stage_node_and_reason
 
 
 def test_other_decisions_are_not_watched():
-    others = [Decision("fuse", "conv2d.relu", "n", a, "") for a in ("rewritten", "declined", "info")]
+    others = [Decision("fuse", "conv2d.relu", "n", a, "")
+              for a in ("rewritten", "declined", "info")]
     others.append(Decision("prepack_weights", "-", "n", "kept", "a kept outside lowering"))
     assert contained_failures(others, markers()) == []
 
@@ -50,8 +53,9 @@ def test_a_mark_without_patterns_tolerates_its_kind():
 
 
 def test_a_mark_is_stale_when_nothing_of_its_kind_happened():
-    (problem,) = contained_failures([KEPT], markers(expect_kept=pytest.mark.expect_kept.mark,
-                                                    expect_fallback=pytest.mark.expect_fallback.mark))
+    both = markers(expect_kept=pytest.mark.expect_kept.mark,
+                   expect_fallback=pytest.mark.expect_fallback.mark)
+    (problem,) = contained_failures([KEPT], both)
     assert "marked expect_fallback but no such decision was recorded" in problem
 
 
