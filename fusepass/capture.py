@@ -166,6 +166,9 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
     with torch._guards.tracing(None), mode, (torch.no_grad() if freeze else torch.enable_grad()):
         gm = make_fx(torch.func.functionalize(flat, remove="mutations"), tracing_mode="real")(*fake)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n, a in zip(placeholders, args):  # a scalar input (Dynamo's automatic-dynamic sizes)
+        if "val" not in n.meta and isinstance(a, (int, float, bool)):
+            n.meta["val"] = a
     if freeze:
         for i, name in lifted.weights.items():
             _freeze(gm, placeholders[i], args[i], name, f"_fp_w{i}")

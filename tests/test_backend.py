@@ -196,16 +196,20 @@ class DataDependent(torch.nn.Module):
         return y[y > 0.1].sum()  # output shape depends on data: no static capture
 
 
+@pytest.mark.expect_fallback(r"^capture: DynamicOutputShapeException")
 def test_capture_failure_falls_back_and_says_so():
     torch.manual_seed(0)
     m = DataDependent().eval()
     x = torch.randn(1, 3, 8, 8)
     gm = optimize(m, [x])
     assert gm.fusepass_report.fell_back
+    (d,) = gm.fusepass_report.where(action="fallback")
+    assert d.stage == "capture" and "aten.nonzero" in d.reason and "running unoptimized" in d.reason, d
     with torch.no_grad():
         assert_close(gm(x), m(x))
 
 
+@pytest.mark.expect_fallback(r"^broken: RuntimeError: boom \(pass undone\)$")
 def test_an_exception_in_a_pass_is_contained(monkeypatch):
     import fusepass.pipeline as pipeline
 
@@ -218,7 +222,7 @@ def test_an_exception_in_a_pass_is_contained(monkeypatch):
     x = torch.randn(2, 7, 32)
     gm = optimize(m, [x])
     errors = gm.fusepass_report.where(action="error")
-    assert errors and "boom" in errors[0].reason
+    assert [e.stage for e in errors] == ["broken"] and "boom" in errors[0].reason, errors
     assert gm.fusepass_report.counts == MLP_COUNTS
     with torch.no_grad():
         assert_close(gm(x), m(x))
@@ -235,6 +239,7 @@ def _corrupting(gm, *, options, report):
     raise RuntimeError("halfway")
 
 
+@pytest.mark.expect_fallback(r"^corrupting: RuntimeError: halfway \(pass undone\)$")
 @pytest.mark.parametrize("where", ["before fuse", "after lowering"])
 def test_a_pass_failing_halfway_is_undone_and_the_rest_still_runs(monkeypatch, where):
     """Undo by recapture and replay (the runtime's path): the graph the later passes see

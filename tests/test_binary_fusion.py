@@ -10,13 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusepass.capture import capture, lift_module
-from fusepass.patterns import binary, binary_guards
+from fusepass.patterns import TABLE, binary, binary_guards
 from fusepass.rewrite import match_at
 from tests.util import NATIVE_BF16, assert_close, examples, histogram, optimize
 
 OPS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
 CONV = {"conv1d": torch.nn.Conv1d, "conv2d": torch.nn.Conv2d, "conv3d": torch.nn.Conv3d}
-ROWS = [r.name for r in binary.ROWS]
+# the binary rows, as the table has them (the cases below: a family in CONV or linear, an
+# op in OPS; test_every_binary_row_has_a_case)
+ROWS = [r.name for r in TABLE if any(r is b for b in binary.ROWS)]
+CONV_ROWS = [r for r in ROWS if r.split(".")[0] in CONV]
+LINEAR_ROWS = [r for r in ROWS if r.split(".")[0] == "linear"]
 # (row, conv/linear on the right): add and mul also match `t + conv(x)`
 CASES = [(r, False) for r in ROWS] + [(r, True) for r in ROWS if r.endswith((".add", ".mul"))]
 CONV_KERNELS = ("mkldnn._convolution_pointwise.binary", "mkldnn._convolution_pointwise_.binary")
@@ -74,7 +78,13 @@ def count_kernel(h, family):
     return sum(h[k] for k in ((names,) if isinstance(names, str) else names))
 
 
-@pytest.mark.parametrize("row,swapped", CASES, ids=lambda v: str(v))
+def test_every_binary_row_has_a_case():
+    assert ROWS and sorted(ROWS) == sorted(CONV_ROWS + LINEAR_ROWS)
+    assert all(r.split(".")[1] in OPS for r in ROWS), ROWS
+
+
+@pytest.mark.parametrize("row,swapped", [pytest.param(r, s, id=f"{r}-{s}")
+                                         for r, s in CASES])
 def test_row_matches_once_histogram_and_numerics(row, swapped):
     family, binop = row.split(".")
     torch.manual_seed(0)
@@ -98,7 +108,8 @@ def test_row_matches_once_histogram_and_numerics(row, swapped):
         assert_close(gm(x, t), m(x, t))
 
 
-@pytest.mark.parametrize("family", ["conv1d", "conv2d", "conv3d"])
+@pytest.mark.parametrize("family", [pytest.param(f, id=f)
+                                    for f in ["conv1d", "conv2d", "conv3d"]])
 @pytest.mark.parametrize("binop", ["add", "sub", "mul", "div"])
 def test_conv_binary_then_relu_is_one_chain(family, binop):
     torch.manual_seed(0)
@@ -147,9 +158,9 @@ def test_conv_add_then_silu_keeps_the_silu():
 # --- numerics vs eager on drawn shapes -------------------------------------------------
 
 @st.composite
-def conv_case(draw):
-    family = draw(st.sampled_from(["conv1d", "conv2d", "conv3d"]))
-    binop = draw(st.sampled_from(["add", "sub", "mul", "div"]))
+def conv_case(draw, row):
+    """Shapes, dtype and layout for one conv binary row (the row is the parameter)."""
+    family, binop = row.split(".")
     groups = draw(st.sampled_from([1, 2, 4]))
     cout = groups * draw(st.sampled_from([1, 2, 3]))
     k, stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
@@ -165,9 +176,11 @@ def conv_case(draw):
                 relu=draw(st.booleans()), inner=draw(st.booleans()))
 
 
-@settings(max_examples=examples(40))
-@given(conv_case(), st.integers(0, 2**16))
-def test_conv_rows_numerics_vs_eager(case, seed):
+@pytest.mark.parametrize("row", [pytest.param(r, id=r) for r in CONV_ROWS])
+@settings(max_examples=examples(4))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_conv_rows_numerics_vs_eager(row, data, seed):
+    case = data.draw(conv_case(row), label="case")
     torch.manual_seed(seed)
     family, binop, kw, dtype = case["family"], case["binop"], case["kw"], case["dtype"]
     m = Residual(family, binop, case["swapped"], F.relu if case["relu"] else None,
@@ -183,9 +196,13 @@ def test_conv_rows_numerics_vs_eager(case, seed):
     t0 = t.clone()
     gm = optimize(m, [x, t])
     assert not gm.fusepass_report.fell_back, gm.fusepass_report.summary()
-    want = {f"{family}.{binop}": 1} | ({f"{family}.relu": 1} if case["relu"] else {})
-    if family == "conv1d" or (dtype == torch.bfloat16 and not NATIVE_BF16):
-        want = {}  # no binary conv1d kernel; no bf16 kernel on this CPU: declined
+    want = {row: 1} | ({f"{family}.relu": 1} if case["relu"] else {})
+    if family == "conv1d":  # no binary conv1d kernel: declined, the report says why
+        want = {}
+        assert any("2-d and 3-d" in r for r in declined(gm.fusepass_report))
+    elif dtype == torch.bfloat16 and not NATIVE_BF16:
+        want = {}
+        assert any("CPU lacks native bf16" in r for r in declined(gm.fusepass_report))
     assert fused(gm.fusepass_report) == want, gm.fusepass_report.summary()
     with torch.no_grad():
         expected = m(x, t)
@@ -195,19 +212,21 @@ def test_conv_rows_numerics_vs_eager(case, seed):
     assert torch.equal(t, t0), "the residual input was written"
 
 
-@settings(max_examples=examples(25))
-@given(st.sampled_from(["add", "sub", "mul"]), st.booleans(), st.booleans(),
-       st.sampled_from([(2,), (1, 3), (2, 5)]), st.integers(1, 16), st.integers(1, 16),
-       st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
-def test_linear_rows_numerics_vs_eager(binop, swapped, inner, lead, cin, cout, bias, dtype, seed):
+@pytest.mark.parametrize("row", LINEAR_ROWS)
+@settings(max_examples=examples(8))
+@given(st.booleans(), st.booleans(), st.sampled_from([(2,), (1, 3), (2, 5)]), st.integers(1, 16),
+       st.integers(1, 16), st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**16))
+def test_linear_rows_numerics_vs_eager(row, swapped, inner, lead, cin, cout, bias, dtype, seed):
     torch.manual_seed(seed)
-    swapped = swapped and binop != "sub"
+    binop = row.split(".")[1]
+    swapped = swapped and binop in ("add", "mul")
     m = Residual("linear", binop, swapped, None, inner, cin=cin, cout=cout, bias=bias)
     m = m.eval().to(dtype)
     x = torch.randn(*lead, cin).to(dtype)
     t = (torch.rand(*lead, cout) + 0.5).to(dtype)
     gm = optimize(m, [x, t])
-    want = {} if dtype == torch.bfloat16 and not NATIVE_BF16 else {f"linear.{binop}": 1}
+    want = {} if dtype == torch.bfloat16 and not NATIVE_BF16 else {row: 1}
     assert fused(gm.fusepass_report) == want
     with torch.no_grad():
         assert_close(gm(x, t), m(x, t), dtype)
@@ -276,21 +295,44 @@ def test_negative_cases_leave_the_graph_and_say_why(name):
         assert_close(gm(x, t), m(x, t), torch.float32)  # the conv runs in fp32 throughout
 
 
-@pytest.mark.parametrize("fn,reason", [
-    (lambda s, y, t: y + s.c, "is a constant that broadcasts"),
-    (lambda s, y, t: y * 2.0, "is the scalar 2.0"),
-])
-def test_constant_operands_are_folding_business(fn, reason):
+CONSTANTS = {
+    # name: (fn(self, y, t), passes disabled, *outcomes): ("folded", the fold row) or
+    #       ("declined", the row that declines, its reason); the binary rows never fuse it
+    "per-channel constant folds": (lambda s, y, t: y + s.c, [],
+                                   ("folded", "fold.const.conv.add")),
+    "scalar folds": (lambda s, y, t: y * 2.0, [], ("folded", "fold.const.conv.mul")),
+    "per-channel constant, folding off": (
+        lambda s, y, t: y + s.c, ["fold_binary_constants"],
+        ("declined", "conv2d.add", "other is a constant that broadcasts")),
+    "scalar, folding off": (lambda s, y, t: y * 2.0, ["fold_binary_constants"],
+                            ("declined", "conv2d.mul", "other is the scalar 2.0")),
+    # neither folds (not per channel) nor fuses (not the output's shape)
+    "non-channel constant": (
+        lambda s, y, t: y + s.c.view(1, 1, 1, 6)[..., :5], [],
+        ("declined", "fold.const.conv.add", "broadcasts along non-channel dim(s) [3]"),
+        ("declined", "conv2d.add", "other is a constant that broadcasts")),
+}
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_constant_operands_are_folding_business(name):
     """A per-channel constant or a scalar folds into the weights (fold_binary_constants);
-    the binary rows never take it, and say why when nothing folded it first."""
+    the binary rows never take a constant, and say why when nothing folded it first."""
+    fn, disable, *outcomes = CONSTANTS[name]
     torch.manual_seed(0)
     m = Neg(fn).eval()
     x, t = torch.randn(1, 4, 5, 5), torch.randn(1, 6, 5, 5)
-    gm = optimize(m, [x, t])
+    gm = optimize(m, [x, t], disable=disable)
     rep = gm.fusepass_report
-    assert not any(r.startswith("conv2d.") for r in fused(rep))
-    if not any(d.stage.startswith("fold") and d.action == "rewritten" for d in rep.decisions):
-        assert any(reason in r for r in declined(rep)), rep.summary()
+    assert not any(r.startswith("conv2d.") for r in fused(rep)), rep.summary()
+    op = "aten.mul" if outcomes[0][1].endswith(".mul") else "aten.add"
+    folded = [o[1] for o in outcomes if o[0] == "folded"]
+    assert rep.counts == {row: 1 for row in folded}, rep.summary()
+    for _, row, reason in (o for o in outcomes if o[0] == "declined"):
+        assert any(reason in r for r in declined(rep, row)), (row, reason, rep.summary())
+    if folded:  # folded before fuse ran: no binary row saw it
+        assert not [d for d in rep.declined if d.rule.startswith("conv2d.")], rep.summary()
+    assert histogram(gm)[op] == (0 if folded else 1)
     with torch.no_grad():
         assert_close(gm(x, t), m(x, t))
 

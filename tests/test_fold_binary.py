@@ -1,5 +1,6 @@
 """fold_binary_constants: every ``fold.const.*`` row matches once on its own example with
-the op histogram it promises, numerics match eager (hypothesis), chains fold to one
+the op histogram it promises, numerics match eager (every row with every op of its family,
+hypothesis drawing shapes, dtype, layout and the constant's form), chains fold to one
 conv, and each guard declines with its reason while leaving the graph unchanged."""
 from __future__ import annotations
 
@@ -120,18 +121,35 @@ def test_constant_spellings_that_fold(spelling):
         assert_close(gm(x), m(x))
 
 
+# The property test's case table: every fold.const row with every op of its family, and
+# the constant forms that fold by that row (a number ``c - y`` is rsub_scalar's, rsub_scalar
+# spells its own number, ``c / y`` with a number is no candidate at all).
+FOLD_OPS = {"conv": ["conv1d", "conv2d", "conv3d",
+                     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"],
+            "linear": ["linear"]}
+FORMS = {s: ("tensor", "scalar") for s in SPELLINGS} | {
+    "rsub": ("tensor",), "rsub_tensor": ("tensor",), "rsub_scalar": ("scalar",),
+    "rdiv": ("tensor",)}
+FOLD_CASES = [(r.name, op) for r in CONST_ROWS for op in FOLD_OPS[r.name.split(".")[2]]]
+
+
+def test_every_const_row_has_property_cases():
+    assert sorted({row for row, _ in FOLD_CASES}) == sorted(r.name for r in CONST_ROWS)
+    assert set(FORMS) == set(SPELLINGS)
+
+
 @st.composite
-def case(draw):
-    family = draw(st.sampled_from(["conv", "conv_transpose", "linear"]))
-    spelling = draw(st.sampled_from([s for s in SPELLINGS if s != "rdiv"]))
+def case(draw, op, spelling):
+    """Shapes, dtype, layout and the constant's form for ``op`` ("conv2d", "linear", ...)."""
+    family = "linear" if op == "linear" else op[:-2]
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     bias = draw(st.booleans())
-    scalar = draw(st.booleans())
+    scalar = draw(st.sampled_from(FORMS[spelling])) == "scalar"
     if family == "linear":
         cin, cout = draw(st.integers(1, 8)), draw(st.integers(1, 8))
         shape = (draw(st.integers(1, 3)),) * draw(st.integers(0, 2)) + (cin,)
-        return family, spelling, dict(cin=cin, cout=cout, bias=bias), shape, dtype, False, scalar
-    rank, groups = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3]))
+        return family, dict(cin=cin, cout=cout, bias=bias), shape, dtype, False, scalar
+    rank, groups = int(op[-2]), draw(st.sampled_from([1, 2, 3]))
     cin = groups * draw(st.integers(1, 2))
     cout = cin if draw(st.booleans()) else groups * draw(st.integers(1, 3))  # depthwise or not
     k, stride = draw(st.integers(1, 3)), draw(st.integers(1, 2))
@@ -140,7 +158,7 @@ def case(draw):
     padding = draw(st.integers(0, 1 if family == "conv" or (size - 1) * stride + k > 2 else 0))
     kw = dict(cin=cin, cout=cout, k=k, stride=stride, padding=padding, groups=groups, bias=bias)
     channels_last = rank > 1 and draw(st.booleans())
-    return family, spelling, kw, (2, cin) + (size,) * rank, dtype, channels_last, scalar
+    return family, kw, (2, cin) + (size,) * rank, dtype, channels_last, scalar
 
 
 def make_op(family, rank, kw):
@@ -154,10 +172,12 @@ def make_op(family, rank, kw):
     return cls[rank - 1](cin, cout, k, **kw)
 
 
-@settings(max_examples=examples(80))
-@given(case(), st.integers(0, 2**16))
-def test_fold_numerics_vs_eager(case_, seed):
-    family, spelling, kw, shape, dtype, channels_last, scalar = case_
+@pytest.mark.parametrize("row,op", FOLD_CASES, ids=[f"{row}-{op}" for row, op in FOLD_CASES])
+@settings(max_examples=examples(2))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_fold_numerics_vs_eager(row, op, data, seed):
+    spelling = row.split(".")[3]
+    family, kw, shape, dtype, channels_last, scalar = data.draw(case(op, spelling), label="case")
     torch.manual_seed(seed)
     rank = len(shape) - 2
     op = make_op(family, rank, kw)
@@ -172,10 +192,19 @@ def test_fold_numerics_vs_eager(case_, seed):
     if channels_last:
         x = x.to(memory_format=torch.channels_last if rank == 2 else torch.channels_last_3d)
     gm = optimize(m, [x])
-    assert sum(v for k, v in gm.fusepass_report.counts.items() if k.startswith("fold.")) == 1
+    report = gm.fusepass_report
+    folds = {k: v for k, v in report.counts.items() if k.startswith("fold.")}
+    if spelling == "rdiv":  # never folds: declined by its row, the graph keeps the div
+        assert folds == {}
+        assert [d.rule for d in report.declined if d.rule.startswith("fold.")] == [row], report
+        assert histogram(gm)["aten.div"] == 1
+    else:
+        assert folds == {row: 1}, report
     with torch.no_grad():
         want, got = m(x), gm(x)
     assert got.dtype == want.dtype and got.shape == want.shape
+    if spelling == "rdiv":  # c / y is ill-conditioned where y ~ 0: compare y = c / (c / y)
+        want, got = m.c / want, m.c / got
     assert_close(got, want, dtype)
 
 
@@ -257,6 +286,9 @@ def test_unfoldable_constant_is_declined_with_a_reason(name):
     base = histogram(optimize(m, [x], disable=NO_FOLDS))
     gm = optimize(m, [x], disable=["fuse"])
     report = gm.fusepass_report
+    if name == "integer":  # no kernel for an integer linear: plain ATen, and says so
+        (d,) = report.where(stage="lower", action="declined")
+        assert "torch.int64" in d.reason and histogram(gm)["fusepass.linear"] == 0, d
     assert not [k for k in report.counts if k.startswith("fold.")], report
     declined = report.where(stage="fold_binary_constants", action="declined")
     assert declined and all(reason in d.reason for d in declined), report

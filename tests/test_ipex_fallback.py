@@ -43,6 +43,7 @@ def _check_onednn_fallback(lowering):
     return rep
 
 
+@pytest.mark.expect_fallback(r"^lower: ipex target unavailable \(.*\); using onednn$")
 def test_ipex_without_ipex_falls_back_to_onednn_reported(no_ipex):
     rep = _check_onednn_fallback("ipex")
     (d,) = rep.where(stage="lower", action="fallback")
@@ -56,6 +57,8 @@ def test_auto_without_ipex_chooses_onednn(no_ipex):
     assert not rep.fell_back
 
 
+@pytest.mark.expect_fallback(r"^lower: ipex target unavailable \(No module named "
+                             r"'intel_extension_for_pytorch'\); using onednn$")
 @pytest.mark.skipif(importlib.util.find_spec(IPEX) is not None,
                     reason="IPEX is installed here; covered by the simulated-absence tests")
 def test_ipex_in_the_default_env_falls_back_to_onednn():

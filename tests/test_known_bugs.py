@@ -285,6 +285,7 @@ def test_check_mode_blames_a_rewrite_when_kernels_agree(monkeypatch):
         optimize(m, [x], check=True)(x)
 
 
+@pytest.mark.expect_fallback(r"^runtime: RuntimeError: kernel exploded; this variant now runs unoptimized$")
 def test_a_kernel_failing_at_run_time_falls_back_to_eager(monkeypatch):
     m = eval_with_stats(ConvBNReLU())
     x = torch.randn(2, 3, 8, 8)
@@ -305,8 +306,15 @@ def test_a_kernel_failing_at_run_time_falls_back_to_eager(monkeypatch):
     assert "kernel exploded" in gm.fusepass_report.where(action="fallback")[0].reason
 
 
+@pytest.mark.expect_fallback(r"^capture: RuntimeError: Given groups=1, .* to have 3 channels, "
+                             r"but got 5 channels instead; running unoptimized$")
 def test_user_errors_still_raise():
+    """The new signature's capture fails with the user's error: that variant runs eager,
+    which raises the same error to the user, and the variant's report says so."""
     m = eval_with_stats(ConvBNReLU())
     gm = optimize(m, [torch.randn(2, 3, 8, 8)])
-    with torch.no_grad(), pytest.raises(RuntimeError):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="to have 3 channels, but got 5"):
         gm(torch.randn(2, 5, 8, 8))  # wrong channel count: eager raises too
+    variants = gm.__dict__["_fusepass"].variants.values()
+    fell_back = [d for v in variants for d in v.report.where(action="fallback")]
+    assert [d.stage for d in fell_back] == ["capture"] and "but got 5 channels" in fell_back[0].reason

@@ -14,7 +14,6 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from fusepass import models
-from fusepass.pipeline import PASS_NAMES
 from tests.util import NATIVE_BF16, assert_close, histogram, needs_native_bf16, optimize
 
 CONV_KERNELS = ("mkldnn._convolution_pointwise", "mkldnn._convolution_pointwise.binary",
@@ -75,7 +74,6 @@ def test_resnet_with_bn_folded_in_eager(name):
         assert_close(gm(x), m(x))
 
 
-@pytest.mark.xfail("fold_batchnorm" not in PASS_NAMES, strict=True, reason="needs fold_batchnorm")
 def test_resnet50_as_built_all_residuals_and_convs_fused():
     """The package's ResNet-50 with its BatchNorms: fold_batchnorm, then the fusion."""
     m = models.build("resnet50")
