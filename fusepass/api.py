@@ -25,8 +25,8 @@ class OptimizedGraphModule(fx.GraphModule):
         if kwargs:
             raise TypeError("fusepass-optimized graphs take positional inputs only")
         compiled = self.__dict__["_fusepass"]
-        full = compiled.full_args(args)
-        return compiled.variant(full).run(full)
+        full, spec = compiled.full_args(args)
+        return compiled.variant(full, spec).run(full)
 
 
 def optimize(gm: torch.nn.Module, example_inputs, **options) -> torch.nn.Module:
@@ -38,7 +38,7 @@ def optimize(gm: torch.nn.Module, example_inputs, **options) -> torch.nn.Module:
     opts = Options.from_kwargs(options)
     lifted, weights = lift_module(gm)
     compiled = Compiled(lifted, opts, weights_getter=weights, eval_mode=not gm.training)
-    v = compiled.variant(compiled.full_args(list(example_inputs)))
+    v = compiled.variant(*compiled.full_args(list(example_inputs)))
     if v.gm is None:
         gm.fusepass_report = v.report
         return gm

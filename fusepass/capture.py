@@ -96,6 +96,19 @@ def lift_module(gm: torch.nn.Module) -> tuple[Lifted, Callable[[], list]]:
     return Lifted(fn, dict(enumerate(names)), graph), current
 
 
+def lift_leaves(lifted: Lifted, spec) -> Lifted:
+    """``lifted`` (weights leading, as ``lift_module`` makes it) as a function of its
+    weights and the pytree leaves of its user args, ``spec`` their structure. make_fx
+    flattens its inputs anyway, one placeholder per leaf: capturing this function makes
+    the graph's placeholders and the args it is called with the same list."""
+    k = len(lifted.weights)
+    assert set(lifted.weights) == set(range(k)), "weights must be the leading args"
+
+    def fn(*args):
+        return lifted.fn(*args[:k], *pytree.tree_unflatten(list(args[k:]), spec))
+    return Lifted(fn, lifted.weights, None, lifted.attrs)
+
+
 def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[bool, str]:
     """(frozen?, why). Inference = no tensor that requires grad is used while grad is on.
 

@@ -18,7 +18,9 @@ compared by value, BatchNorm statistics among them.
 Any difference drops the variants. Writes through ``p.data`` (a tensor with its own
 version counter) and to inference tensors (no version counter) remain invisible.
 Shapes, strides and dtypes of the other inputs key the variants, so a graph optimized
-for batch 1 is rebuilt, never misused, for batch 8.
+for batch 1 is rebuilt, never misused, for batch 8. ``optimize()``'s module may take
+lists, tuples or dicts: the graph is captured over their leaves (make_fx flattens its
+inputs) and called with the leaves; their structure keys the variant too.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fusepass.check import check_variant
-from fusepass.capture import Lifted, capture, inference_reason
+from fusepass.capture import Lifted, capture, inference_reason, lift_leaves
 from fusepass.options import Options
 from fusepass.pipeline import run_pipeline
 from fusepass.report import Report
@@ -125,13 +127,31 @@ class Compiled:
         self._weight_idx: list = []
         self.stats = StatsWatch()
         self.history = Report()  # refolds and fallbacks across variants
+        self.by_structure: dict = {}  # pytree spec of container inputs -> Lifted over leaves
 
-    def full_args(self, args) -> list:
-        return (self.weights_getter() + list(args)) if self.weights_getter else list(args)
+    def full_args(self, args) -> tuple[list, Any]:
+        """(the args the graph takes, the pytree spec of the user args when one of them is a
+        container, else None). Dynamo hands the backend flat tensors; ``optimize()``'s
+        module may take lists, tuples, dicts, whose leaves become the args."""
+        args = list(args)
+        if self.weights_getter is None:
+            return args, None
+        spec = None
+        if not all(map(pytree.tree_is_leaf, args)):
+            args, spec = pytree.tree_flatten(args)
+        return self.weights_getter() + args, spec
+
+    def lifted_for(self, spec) -> Lifted:
+        if spec is None:
+            return self.lifted
+        lifted = self.by_structure.get(spec)
+        if lifted is None:
+            lifted = self.by_structure[spec] = lift_leaves(self.lifted, spec)
+        return lifted
 
     def __call__(self, *args):
-        full = self.full_args(args)
-        return self.variant(full).run(full)
+        full, spec = self.full_args(args)
+        return self.variant(full, spec).run(full)
 
     def fresh(self, full) -> bool:
         """Are the source weights the ones the variants were built from? Runs on every
@@ -146,7 +166,7 @@ class Compiled:
             return False
         return self.stats.unchanged()
 
-    def variant(self, full) -> Variant:
+    def variant(self, full, spec=None) -> Variant:
         if not self.fresh(full):
             if self.snapshot is not None:
                 self.history.record("runtime", "-", "-", "info",
@@ -166,22 +186,22 @@ class Compiled:
                 # torch-level graph does not say cheaply); large ones by version only
                 if not isinstance(t, torch.nn.Parameter) and t.nbytes <= WATCH_BY_VALUE_BYTES:
                     self.stats.add(name, t)
-        key = signature(full, self.lifted.weights)
+        key = (spec, signature(full, self.lifted.weights))
         v = self.variants.get(key)
         if v is None:
             with torch._guards.tracing(None):  # not inside dynamo's tracing context
-                v = self.variants[key] = self.build(full)
+                v = self.variants[key] = self.build(full, self.lifted_for(spec))
         return v
 
-    def unoptimized(self, report, reason, action="info") -> Variant:
+    def unoptimized(self, lifted, report, reason, action="info") -> Variant:
         report.record("capture", "-", "-", action, reason)
-        return Variant(lambda full: self.lifted.fn(*full), report)
+        return Variant(lambda full: lifted.fn(*full), report)
 
-    def build(self, full) -> Variant:
+    def build(self, full, lifted: Lifted) -> Variant:
         report = Report()
-        frozen, why = inference_reason(self.lifted, full, self.eval_mode)
+        frozen, why = inference_reason(lifted, full, self.eval_mode)
         if not frozen:
-            return self.unoptimized(report, why)
+            return self.unoptimized(lifted, report, why)
         report.record("capture", "-", "-", "info", f"weights frozen: {why}")
         if self.lifted.attrs:
             report.record("capture", "-", "-", "info",
@@ -189,13 +209,14 @@ class Compiled:
                           "does that under Inductor's freezing flag or prepare_freezing): "
                           "watched by reference, buffers by value")
         try:
-            cap = capture(self.lifted, full, freeze=True)
-            for i in bn_statistics(cap.gm, self.lifted.weights):
+            cap = capture(lifted, full, freeze=True)
+            for i in bn_statistics(cap.gm, lifted.weights):
                 self.stats.add(i, full[i])
             gm = run_pipeline(cap.gm, self.options, report,
-                              recapture=lambda: capture(self.lifted, full, freeze=True).gm)
+                              recapture=lambda: capture(lifted, full, freeze=True).gm)
         except Exception as e:
-            return self.unoptimized(report, f"{type(e).__name__}: {e}; running unoptimized", "fallback")
+            return self.unoptimized(lifted, report, f"{type(e).__name__}: {e}; running unoptimized",
+                                    "fallback")
         gm.fusepass_report = report
         idx, spec = cap.user_idx, cap.out_spec
 
@@ -207,19 +228,19 @@ class Compiled:
             try:
                 return optimized(full)
             except Exception as e:  # last resort: eager; an error eager shares is the user's
-                out = self.lifted.fn(*full)
+                out = lifted.fn(*full)
                 report.record("runtime", "-", "-", "fallback",
                               f"{type(e).__name__}: {e}; this variant now runs unoptimized")
-                v.run, v.checked, v.gm = (lambda f: self.lifted.fn(*f)), True, None
+                v.run, v.checked, v.gm = (lambda f: lifted.fn(*f)), True, None
                 return out
 
         v = Variant(run, report, gm)
         if self.options.check:
-            v.run, v.checked = self._checked(v, run, idx), False
+            v.run, v.checked = self._checked(lifted, v, run, idx), False
         return v
 
-    def _checked(self, v, run, idx):
-        weights = self.lifted.weights
+    def _checked(self, lifted, v, run, idx):
+        weights = lifted.weights
 
         def pristine(full):  # eager and the localizer must not mutate the user's inputs
             return [a.clone() if isinstance(a, torch.Tensor) and i not in weights else a
@@ -227,7 +248,7 @@ class Compiled:
 
         def first_call(full):
             with torch.no_grad():
-                want = self.lifted.fn(*pristine(full))
+                want = lifted.fn(*pristine(full))
             local = pristine(full)
             out = run(full)
             check_variant(v.gm, [local[i] for i in idx], out, want)

@@ -70,6 +70,74 @@ def rebuilds(compiled) -> int:
     return sum("rebuilt" in d.reason for d in compiled.history.decisions)
 
 
+# --- 1. pytree inputs through optimize() -------------------------------------------------
+
+class TwoConvs(nn.Module):
+    """A conv net whose one input is a container of two images."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, xs):
+        if self.kind == "dict":
+            x, y = xs["image"], xs["other"]
+        else:
+            x, y = xs[0], xs[1]
+        return F.relu(self.bn(self.a(x)) + self.b(y))
+
+
+def _pack(kind, x, y):
+    return {"list": [x, y], "tuple": (x, y), "dict": {"image": x, "other": y}}[kind]
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict"])
+def test_optimize_takes_a_container_input(kind):
+    torch.manual_seed(0)
+    m = with_stats(TwoConvs(kind)).eval()
+    xs = _pack(kind, torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        gm = fusepass.optimize(torch.fx.symbolic_trace(m), [xs])
+        rep = gm.fusepass_report
+        assert rep.counts.get("fold.bn.conv") == 1 and rep.counts.get("conv2d.add") == 1, rep
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            new = _pack(kind, torch.randn(2, 3, 8, 8, generator=g),
+                        torch.randn(2, 3, 8, 8, generator=g))
+            assert_close(gm(new), m(new))
+    compiled = gm.__dict__["_fusepass"]
+    assert rep.where(action="fallback") == [], rep
+    for v in compiled.variants.values():
+        assert v.report.where(action="fallback") == [], v.report
+        assert v.gm is not None
+
+
+def test_container_inputs_of_another_structure_get_their_own_variant():
+    """Other shapes inside the container are another variant, never a misuse."""
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, xs):
+            return F.relu(self.conv(xs[0])) + xs[1].mean()
+
+    torch.manual_seed(0)
+    m = Sum().eval()
+    two = [torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)]
+    with torch.no_grad():
+        gm = fusepass.optimize(torch.fx.symbolic_trace(m), [two])
+        assert_close(gm(two), m(two))
+        bigger = [torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)]
+        assert_close(gm(bigger), m(bigger))
+    compiled = gm.__dict__["_fusepass"]
+    assert len(compiled.variants) == 2
+    assert all(v.report.where(action="fallback") == [] for v in compiled.variants.values())
+
+
 # --- 5. ops that share storage without an alias annotation -------------------------------
 
 class UnsafeViewPointwise(nn.Module):
