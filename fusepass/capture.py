@@ -44,6 +44,7 @@ class Lifted:
     weights: dict  # int -> source name ("conv1.weight", "L['self']._modules[...]")
     graph: fx.Graph | None  # the torch-level graph, for the grad-mode analysis
     attrs: dict = field(default_factory=dict)  # get_attr target -> the tensor it holds
+    readers: list | None = None  # per arg: the nodes of ``graph`` that read it
 
 
 def lift_dynamo(gm: fx.GraphModule, example_inputs) -> Lifted:
@@ -56,7 +57,7 @@ def lift_dynamo(gm: fx.GraphModule, example_inputs) -> Lifted:
         src = src() if callable(src) else src
         if isinstance(ex, torch.nn.Parameter) or "._parameters[" in src or "._buffers[" in src:
             weights[i] = src or n.name
-    return Lifted(gm, weights, gm.graph, graph_attrs(gm))
+    return Lifted(gm, weights, gm.graph, graph_attrs(gm), [[p] for p in placeholders])
 
 
 def graph_attrs(gm: fx.GraphModule) -> dict:
@@ -92,8 +93,26 @@ def lift_module(gm: torch.nn.Module) -> tuple[Lifted, Callable[[], list]]:
     def current():  # a replaced Parameter or buffer is seen; a replaced submodule is not
         return [d[k] for d, k in slots]
 
-    graph = gm.graph if isinstance(gm, fx.GraphModule) else None
-    return Lifted(fn, dict(enumerate(names)), graph), current
+    if not isinstance(gm, fx.GraphModule):
+        return Lifted(fn, dict(enumerate(names)), None), current
+    return Lifted(fn, dict(enumerate(names)), gm.graph, readers=_readers(gm, names)), current
+
+
+def _readers(gm: fx.GraphModule, names: list) -> list:
+    """Per arg of ``lift_module``'s function, the nodes of ``gm``'s graph that read it: a
+    weight is read by its ``get_attr`` and by the ``call_module`` of its module or of any
+    module above it (``layer1.0.conv1.weight``: ``layer1.0.conv1``, ``layer1.0``, ...), a
+    user arg by its placeholder."""
+    by_target: dict = {}
+    for n in gm.graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            by_target.setdefault(n.target, []).append(n)
+    readers = []
+    for name in names:
+        parts = name.split(".")
+        readers.append([n for i in range(len(parts), 0, -1)
+                        for n in by_target.get(".".join(parts[:i]), [])])
+    return readers + [[n] for n in gm.graph.nodes if n.op == "placeholder"]
 
 
 def lift_leaves(lifted: Lifted, spec) -> Lifted:
@@ -106,7 +125,12 @@ def lift_leaves(lifted: Lifted, spec) -> Lifted:
 
     def fn(*args):
         return lifted.fn(*args[:k], *pytree.tree_unflatten(list(args[k:]), spec))
-    return Lifted(fn, lifted.weights, None, lifted.attrs)
+    readers = None
+    if lifted.readers is not None:  # a leaf is read where its container is
+        readers = lifted.readers[:k] + [r for r, child in zip(lifted.readers[k:],
+                                                               treespec_children(spec))
+                                        for _ in range(child.num_leaves)]
+    return Lifted(fn, lifted.weights, lifted.graph, lifted.attrs, readers)
 
 
 def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[bool, str]:
@@ -122,10 +146,9 @@ def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[boo
         return True, "grad is disabled"
     if eval_mode:
         return True, "module is in eval mode (optimize() is an inference request)"
-    if lifted.graph is None:
+    if lifted.graph is None or lifted.readers is None:
         return False, "grad is enabled and parameters require grad"
-    placeholders = [n for n in lifted.graph.nodes if n.op == "placeholder"]
-    tainted = {placeholders[i] for i in needs_grad if i < len(placeholders)}
+    tainted = {n for i in needs_grad for n in lifted.readers[i]}  # a call_module reads its own
     tainted |= {n for n in lifted.graph.nodes if n.op == "get_attr" and n.target in attrs_grad}
     enabled = True
     for n in lifted.graph.nodes:
@@ -134,7 +157,7 @@ def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[boo
         elif n.op == "call_function" and "inference_mode" in getattr(n.target, "__name__", ""):
             enabled = "exit" in n.target.__name__
         elif n.op not in ("placeholder", "output", "get_attr"):
-            if any(a in tainted for a in n.all_input_nodes):
+            if n in tainted or any(a in tainted for a in n.all_input_nodes):
                 if enabled:
                     return False, (f"grad is enabled at {n.name} and it uses a tensor that "
                                    "requires grad: nothing frozen or fused (use torch.no_grad())")

@@ -118,10 +118,10 @@ def signature(args, skip) -> tuple:
 
 
 class Compiled:
-    def __init__(self, lifted: Lifted, options: Options, weights_getter=None, eval_mode=False):
+    def __init__(self, lifted: Lifted, options: Options, weights_getter=None, modes=None):
         self.lifted, self.options = lifted, options
         self.weights_getter = weights_getter  # optimize(): weights are read from the module
-        self.eval_mode = eval_mode
+        self.modes = modes  # optimize(): () -> the training flags of the module's modules
         self.variants: dict = {}
         self.snapshot = None  # (lifted weights, all watched, data_ptrs, versioned ones, versions)
         self._weight_idx: list = []
@@ -186,20 +186,28 @@ class Compiled:
                 # torch-level graph does not say cheaply); large ones by version only
                 if not isinstance(t, torch.nn.Parameter) and t.nbytes <= WATCH_BY_VALUE_BYTES:
                     self.stats.add(name, t)
-        key = (spec, signature(full, self.lifted.weights))
-        v = self.variants.get(key)
+        v = self.variants.get(key := self.key(full, spec))
         if v is None:
             with torch._guards.tracing(None):  # not inside dynamo's tracing context
-                v = self.variants[key] = self.build(full, self.lifted_for(spec))
+                v = self.variants[key] = self.build(full, self.lifted_for(spec), key[2])
         return v
+
+    def key(self, full, spec) -> tuple:
+        """What decides a variant: the structure of container inputs, grad mode and the
+        modules' training flags (both decide freezing; the flags also what the graph
+        computes: BatchNorm, dropout), and the inputs' signature. Dynamo guards grad mode
+        and training flags itself; optimize() has only this key."""
+        modes = self.modes() if self.modes else None
+        return spec, torch.is_grad_enabled(), modes, signature(full, self.lifted.weights)
 
     def unoptimized(self, lifted, report, reason, action="info") -> Variant:
         report.record("capture", "-", "-", action, reason)
         return Variant(lambda full: lifted.fn(*full), report)
 
-    def build(self, full, lifted: Lifted) -> Variant:
+    def build(self, full, lifted: Lifted, modes=None) -> Variant:
         report = Report()
-        frozen, why = inference_reason(lifted, full, self.eval_mode)
+        eval_mode = modes is not None and not any(modes)
+        frozen, why = inference_reason(lifted, full, eval_mode)
         if not frozen:
             return self.unoptimized(lifted, report, why)
         report.record("capture", "-", "-", "info", f"weights frozen: {why}")

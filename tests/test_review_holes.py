@@ -138,6 +138,80 @@ def test_container_inputs_of_another_structure_get_their_own_variant():
     assert all(v.report.where(action="fallback") == [] for v in compiled.variants.values())
 
 
+# --- 2. grad mode and the training flag key the variant ---------------------------------
+
+def _grads(m):
+    return [p.grad.clone() for p in m.parameters()]
+
+
+class ConvReLUConv(nn.Module):
+    """No BatchNorm: nothing the graph computes changes state between calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("order", [["no_grad", "grad", "no_grad"], ["grad", "no_grad", "grad"]],
+                         ids=["no_grad_first", "grad_first"])
+def test_grad_mode_keys_the_variant(order):
+    """A train-mode module optimized under no_grad, then called in both grad modes:
+    with grad enabled the outputs require grad and backward reaches the parameters."""
+    torch.manual_seed(0)
+    m = ConvReLUConv().train()
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        gm = fusepass.optimize(torch.fx.symbolic_trace(m), [x])
+    for mode in order:
+        if mode == "no_grad":
+            with torch.no_grad():
+                got, want = gm(x), ref(x)
+            assert not got.requires_grad
+        else:
+            got, want = gm(x), ref(x)
+            assert got.requires_grad, "a frozen variant answered a call with grad enabled"
+            m.zero_grad(), ref.zero_grad()
+            got.square().sum().backward()
+            want.square().sum().backward()
+            for g, w in zip(_grads(m), _grads(ref)):
+                assert_close(g, w)
+        assert_close(got, want)
+
+
+def test_a_frozen_first_parameter_does_not_freeze_the_rest():
+    """The grad analysis of optimize() maps each weight to the nodes that read it: a
+    first parameter that needs no grad must not make a grad-requiring one count as
+    frozen (it was mapped to the wrong graph placeholder by index)."""
+    torch.manual_seed(0)
+    m = ConvBNReLU().train()
+    m.conv.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8)
+    gm = fusepass.optimize(torch.fx.symbolic_trace(m), [x])
+    y = gm(x)
+    assert y.requires_grad
+    y.sum().backward()
+    assert m.bn.weight.grad is not None and m.conv.bias.grad is not None
+
+
+def test_training_flag_keys_the_variant():
+    """optimize() in train mode under no_grad, then ``m.eval()``: the eval call must
+    use the running statistics (as eager), not the train-mode graph."""
+    torch.manual_seed(0)
+    m = with_stats(ConvBNReLU()).train()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        gm = fusepass.optimize(torch.fx.symbolic_trace(m), [x])
+        m.eval()
+        want = m(x)
+        assert_close(gm(x), want)
+        m.train()
+        assert_close(gm(x), m(x))
+
+
 # --- 5. ops that share storage without an alias annotation -------------------------------
 
 class UnsafeViewPointwise(nn.Module):
