@@ -7,7 +7,9 @@ switches inside the compiled function. Out comes a functional ATen graph with
   * every convolution is ``fusepass::conv`` and every ``F.linear`` is ``fusepass::linear``
     (empty post-op chain): one spelling for the patterns, and a kernel for lowering;
   * weights (parameters and buffers) are ``get_attr`` constants when, and only when,
-    the graph is used for inference (``inference_reason``).
+    the graph is used for inference (``inference_reason``) and the graph does not write
+    them: a weight the graph writes is state (a training-mode BatchNorm's running
+    statistics, ``num_batches_tracked``), not a constant, and stays a placeholder.
 Both entry points first *lift* their graph to ``fn(*args)`` whose leading or marked
 args are the weights, so the backend and ``optimize`` share everything after that.
 """
@@ -183,6 +185,31 @@ class Captured:
     gm: fx.GraphModule  # ATen IR; placeholders = the non-weight args, in order
     out_spec: Any  # pytree spec of the original output
     user_idx: list  # arg positions that are placeholders of gm
+    state: dict = field(default_factory=dict)  # weight arg -> why: weights the graph writes
+    state_attrs: dict = field(default_factory=dict)  # the same for graph-attribute weights
+
+
+BN_TRAINING = "BatchNorm in training mode updates its statistics"
+
+
+def written(gm: fx.GraphModule) -> dict:
+    """The nodes whose tensors the graph writes, with why: the arguments an op's schema
+    marks ``Tensor(a!)`` (functionalize leaves a ``copy_`` into every input the function
+    mutates) and the running statistics a training-mode ``native_batch_norm`` updates,
+    which its schema does not declare."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is aten.native_batch_norm.default and n.args[5]:
+            out.update((a, BN_TRAINING) for a in n.args[3:5] if isinstance(a, fx.Node))
+        schema = getattr(n.target, "_schema", None)
+        for i, a in enumerate(schema.arguments if schema is not None else ()):
+            if a.alias_info is not None and a.alias_info.is_write:
+                arg = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                if isinstance(arg, fx.Node):
+                    out.setdefault(arg, "the graph writes it")
+    return out
 
 
 def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
@@ -202,10 +229,19 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
     with torch._guards.tracing(None), mode, (torch.no_grad() if freeze else torch.enable_grad()):
         gm = make_fx(torch.func.functionalize(flat, remove="mutations"), tracing_mode="real")(*fake)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state, state_attrs = {}, {}
     if freeze:
+        writes = written(gm)
+        state = {i: writes[placeholders[i]] for i in lifted.weights if placeholders[i] in writes}
+        ptrs = {getattr(gm, n.target).data_ptr(): why for n, why in writes.items()
+                if n.op == "get_attr"}
+        state_attrs = {k: ptrs[t.data_ptr()] for k, t in lifted.attrs.items()
+                       if t.data_ptr() in ptrs}
         for i, name in lifted.weights.items():
-            _freeze(gm, placeholders[i], args[i], name, f"_fp_w{i}")
-    user_idx = [i for i in range(len(args)) if not (freeze and i in lifted.weights)]
+            if i not in state:
+                _freeze(gm, placeholders[i], args[i], name, f"_fp_w{i}")
+    user_idx = [i for i in range(len(args))
+                if not (freeze and i in lifted.weights and i not in state)]
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target is aten.convolution.default:
             _swap(gm, n, fp.conv, (*n.args, None, [], []))
@@ -219,7 +255,7 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return Captured(gm, None if structured else spec["out"], user_idx)
+    return Captured(gm, None if structured else spec["out"], user_idx, state, state_attrs)
 
 
 def _structured_output(gm, spec) -> bool:

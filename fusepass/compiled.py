@@ -1,8 +1,9 @@
-"""The runtime of a compiled graph: one optimized variant per input signature, rebuilt
-when a weight it was folded from changes.
+"""The runtime of a compiled graph: one optimized variant per key (input signature, grad
+mode, training flags), rebuilt when a weight it was folded from changes.
 
-Folded weights are derived data (DESIGN.md, "Freezing is explicit"): every call compares
-each source weight with the snapshot the variants were built from (pytorch#104984):
+Folded weights are derived data (DESIGN.md, "Freezing is explicit"): every call of a
+variant compares each weight that variant froze with the snapshot it was built from
+(``Watch``; pytorch#104984):
   * the tensor object itself (the snapshot holds it, so neither its id nor its memory
     can be reused by a replacement while we compare against it): a replaced parameter,
     ``load_state_dict(assign=True)``;
@@ -15,8 +16,12 @@ Weights the graph holds itself (Dynamo installs them as ``get_attr`` under Induc
 freezing flag or ``prepare_freezing``) are watched by reference the same way (a replaced
 Parameter makes Dynamo recompile: it guards their identity then); their small buffers are
 compared by value, BatchNorm statistics among them.
-Any difference drops the variants. Writes through ``p.data`` (a tensor with its own
-version counter) and to inference tensors (no version counter) remain invisible.
+A difference drops every variant folded from the changed weights. Writes through
+``p.data`` (a tensor with its own version counter) and to inference tensors (no version
+counter) remain invisible.
+Weights the graph writes itself (a training-mode BatchNorm's running statistics and
+``num_batches_tracked``, under no_grad) are state, not constants: capture leaves them
+inputs, so they are neither folded nor watched and the variant is built once.
 Shapes, strides and dtypes of the other inputs key the variants, so a graph optimized
 for batch 1 is rebuilt, never misused, for batch 8. ``optimize()``'s module may take
 lists, tuples or dicts: the graph is captured over their leaves (make_fx flattens its
@@ -46,6 +51,7 @@ class Variant:
     report: Report
     gm: Optional[fx.GraphModule] = None  # the optimized graph, when there is one
     checked: bool = field(default=True)  # False until a check-mode first call ran
+    watch: Optional["Watch"] = None  # what an optimized variant folded; None: nothing
 
 
 _BN = {torch.ops.aten.native_batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
@@ -117,16 +123,47 @@ def signature(args, skip) -> tuple:
     return tuple(sig)
 
 
+class Watch:
+    """What one optimized variant folded, as it was then; ``fresh`` compares on every call
+    of that variant, on cold caches (the graph just ran), one pass per property over
+    plain lists (EfficientNet-B0, 360 weights and 49 BatchNorm means: ~0.2 ms per call).
+    Only the weights the variant froze are watched: the ones its graph writes itself
+    (``Captured.state``) are inputs it reads afresh on every call."""
+
+    def __init__(self, full, frozen: list, attrs: dict):
+        self.idx = frozen
+        self.weights = [full[i] for i in frozen]
+        # weights the graph holds as attributes are the same tensors on every call: no
+        # identity to compare, but their memory, versions and (buffers) values
+        self.tensors = self.weights + list(attrs.values())
+        self.versioned = [t for t in self.tensors if not t.is_inference()]  # others: no counter
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+        self.versions = [t._version for t in self.versioned]
+        self.values = StatsWatch()
+        for name, t in attrs.items():
+            # buffers by value: BatchNorm statistics among them (which one is, the
+            # torch-level graph does not say cheaply); large ones by version only
+            if not isinstance(t, torch.nn.Parameter) and t.nbytes <= WATCH_BY_VALUE_BYTES:
+                self.values.add(name, t)
+
+    def fresh(self, full) -> bool:
+        if not all(map(operator.is_, map(full.__getitem__, self.idx), self.weights)):
+            return False
+        if [t.data_ptr() for t in self.tensors] != self.ptrs:
+            return False
+        if [t._version for t in self.versioned] != self.versions:
+            return False
+        return self.values.unchanged()
+
+
 class Compiled:
     def __init__(self, lifted: Lifted, options: Options, weights_getter=None, modes=None):
         self.lifted, self.options = lifted, options
         self.weights_getter = weights_getter  # optimize(): weights are read from the module
         self.modes = modes  # optimize(): () -> the training flags of the module's modules
         self.variants: dict = {}
-        self.snapshot = None  # (lifted weights, all watched, data_ptrs, versioned ones, versions)
-        self._weight_idx: list = []
-        self.stats = StatsWatch()
         self.history = Report()  # refolds and fallbacks across variants
+        self.builds = 0  # variants built, rebuilds included
         self.by_structure: dict = {}  # pytree spec of container inputs -> Lifted over leaves
 
     def full_args(self, args) -> tuple[list, Any]:
@@ -153,43 +190,19 @@ class Compiled:
         full, spec = self.full_args(args)
         return self.variant(full, spec).run(full)
 
-    def fresh(self, full) -> bool:
-        """Are the source weights the ones the variants were built from? Runs on every
-        call, on cold caches (the graph just ran): one pass per property over plain
-        lists (EfficientNet-B0, 360 weights and 49 BatchNorm means: ~0.2 ms per call)."""
-        if self.snapshot is None:
-            return False
-        weights, tensors, ptrs, versioned, versions = self.snapshot
-        if not all(map(operator.is_, map(full.__getitem__, self._weight_idx), weights)):
-            return False
-        if [t.data_ptr() for t in tensors] != ptrs or [t._version for t in versioned] != versions:
-            return False
-        return self.stats.unchanged()
-
     def variant(self, full, spec=None) -> Variant:
-        if not self.fresh(full):
-            if self.snapshot is not None:
-                self.history.record("runtime", "-", "-", "info",
-                                    "a source weight changed since folding: rebuilt")
-            self.variants.clear()
-            self.stats = StatsWatch()  # BN running means, as each build folds them
-            self._weight_idx = list(self.lifted.weights)
-            weights = [full[i] for i in self._weight_idx]
-            # weights the graph holds as attributes are the same tensors on every call:
-            # no identity to compare, but their memory, versions and (buffers) values
-            tensors = weights + list(self.lifted.attrs.values())
-            versioned = [t for t in tensors if not t.is_inference()]  # others have no counter
-            self.snapshot = (weights, tensors, [t.data_ptr() for t in tensors], versioned,
-                             [t._version for t in versioned])
-            for name, t in self.lifted.attrs.items():
-                # buffers by value: BatchNorm statistics among them (which one is, the
-                # torch-level graph does not say cheaply); large ones by version only
-                if not isinstance(t, torch.nn.Parameter) and t.nbytes <= WATCH_BY_VALUE_BYTES:
-                    self.stats.add(name, t)
         v = self.variants.get(key := self.key(full, spec))
-        if v is None:
-            with torch._guards.tracing(None):  # not inside dynamo's tracing context
-                v = self.variants[key] = self.build(full, self.lifted_for(spec), key[2])
+        if v is not None and (v.watch is None or v.watch.fresh(full)):
+            return v
+        if v is not None:
+            self.history.record("runtime", "-", "-", "info",
+                                "a source weight changed since folding: rebuilt")
+            # every variant folded from the changed weights goes, not only this one
+            for k, other in list(self.variants.items()):
+                if other.watch is not None and not other.watch.fresh(full):
+                    del self.variants[k]
+        with torch._guards.tracing(None):  # not inside dynamo's tracing context
+            v = self.variants[key] = self.build(full, self.lifted_for(spec), key[2])
         return v
 
     def key(self, full, spec) -> tuple:
@@ -205,6 +218,7 @@ class Compiled:
         return Variant(lambda full: lifted.fn(*full), report)
 
     def build(self, full, lifted: Lifted, modes=None) -> Variant:
+        self.builds += 1
         report = Report()
         eval_mode = modes is not None and not any(modes)
         frozen, why = inference_reason(lifted, full, eval_mode)
@@ -218,8 +232,7 @@ class Compiled:
                           "watched by reference, buffers by value")
         try:
             cap = capture(lifted, full, freeze=True)
-            for i in bn_statistics(cap.gm, lifted.weights):
-                self.stats.add(i, full[i])
+            watch = self._watch(full, lifted, cap, report)
             gm = run_pipeline(cap.gm, self.options, report,
                               recapture=lambda: capture(lifted, full, freeze=True).gm)
         except Exception as e:
@@ -242,16 +255,36 @@ class Compiled:
                 v.run, v.checked, v.gm = (lambda f: lifted.fn(*f)), True, None
                 return out
 
-        v = Variant(run, report, gm)
+        v = Variant(run, report, gm, watch=watch)
         if self.options.check:
-            v.run, v.checked = self._checked(lifted, v, run, idx), False
+            v.run, v.checked = self._checked(lifted, v, run, idx, set(watch.idx)), False
         return v
 
-    def _checked(self, lifted, v, run, idx):
-        weights = lifted.weights
+    @staticmethod
+    def _watch(full, lifted, cap, report) -> Watch:
+        """The variant's watch: the weights it froze, graph attributes but those its graph
+        writes, BatchNorm statistics by value. Weights the graph writes are state: they
+        stay inputs, neither frozen nor watched (a training-mode BatchNorm under no_grad
+        would otherwise be rebuilt on every call: each call changes its statistics)."""
+        frozen = [i for i in lifted.weights if i not in cap.state]
+        watch = Watch(full, frozen, {k: t for k, t in lifted.attrs.items()
+                                     if k not in cap.state_attrs})
+        for i in bn_statistics(cap.gm, lifted.weights):
+            watch.values.add(i, full[i])
+        whys: dict = {}
+        for i, why in cap.state.items():
+            whys.setdefault(why, []).append(lifted.weights[i])
+        for name, why in cap.state_attrs.items():
+            whys.setdefault(why, []).append(name)
+        for why, names in whys.items():
+            report.record("capture", "-", "-", "info",
+                          f"{why}: not folded; {', '.join(names)} stay graph inputs, not "
+                          "frozen and not watched (state, not constants)")
+        return watch
 
+    def _checked(self, lifted, v, run, idx, frozen):
         def pristine(full):  # eager and the localizer must not mutate the user's inputs
-            return [a.clone() if isinstance(a, torch.Tensor) and i not in weights else a
+            return [a.clone() if isinstance(a, torch.Tensor) and i not in frozen else a
                     for i, a in enumerate(full)]
 
         def first_call(full):

@@ -270,3 +270,31 @@ def test_aliasing_rule_for_ops_whose_schema_does_not_say():
     for op, args in [(aten._unsafe_view.default, (t, [-1])), (aten.lift.default, (t,)),
                      (aten.dropout.default, (t, 0.5, False))]:
         assert op(*args).untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+
+# --- 6. train-mode BatchNorm under no_grad -----------------------------------------------
+
+@pytest.mark.parametrize("via", ["backend", "optimize"])
+def test_train_mode_batchnorm_under_no_grad_builds_once(via):
+    torch.manual_seed(0)
+    m = with_stats(ConvBNReLU()).train()
+    ref = copy.deepcopy(m)
+    xs = [torch.randn(2, 3, 8, 8) * (1 + i) + i for i in range(6)]
+    with torch.no_grad():
+        if via == "backend":
+            backend, seen = backend_with_handle()
+            c = torch.compile(m, backend=backend)
+        else:
+            c = fusepass.optimize(torch.fx.symbolic_trace(m), [xs[0]])
+        for x in xs:  # compiling runs nothing for real: the first call is the first step
+            assert_close(c(x), ref(x))
+    compiled = seen[0] if via == "backend" else c.__dict__["_fusepass"]
+    if via == "backend":
+        assert len(seen) == 1
+    for name, buf in m.named_buffers():
+        torch.testing.assert_close(buf, dict(ref.named_buffers())[name], msg=name)
+    assert rebuilds(compiled) == 0, compiled.history
+    assert compiled.builds == 1
+    reports = [v.report for v in compiled.variants.values()]
+    assert any("BatchNorm in training mode updates its statistics" in d.reason
+               for r in reports for d in r.decisions), reports
