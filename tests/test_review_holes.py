@@ -212,6 +212,32 @@ def test_training_flag_keys_the_variant():
         assert_close(gm(x), m(x))
 
 
+# --- 3. a change of running_var alone ----------------------------------------------------
+
+def test_backend_sees_a_change_of_running_var_alone():
+    """A train-mode step on an input whose per-channel mean is exactly the running mean
+    (0: integer values, paired with their negatives) changes running_var and leaves
+    running_mean bit for bit as it was."""
+    torch.manual_seed(0)
+    m = ConvBNReLU().eval()
+    with torch.no_grad():
+        m.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    c = torch.compile(m, backend="fusepass")
+    with torch.no_grad():
+        before = m(x)
+        assert_close(c(x), before)
+        z = torch.randint(1, 4, (2, 6, 5, 5)).float()
+        mean = m.bn.running_mean.clone()
+        m.bn.train()
+        m.bn(torch.cat([z, -z]))
+        m.bn.eval()
+        assert torch.equal(m.bn.running_mean, mean)
+        after = m(x)
+        assert (after - before).abs().max() > 0.1, "the step must change the output"
+        assert_close(c(x), after)
+
+
 # --- 5. ops that share storage without an alias annotation -------------------------------
 
 class UnsafeViewPointwise(nn.Module):
