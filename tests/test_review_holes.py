@@ -212,6 +212,29 @@ def test_training_flag_keys_the_variant():
         assert_close(gm(x), m(x))
 
 
+def test_a_submodule_flag_alone_keys_the_variant():
+    """BatchNorm frozen in eval inside a train-mode model (fine-tuning detectors does
+    that): the flag of that one module must reach the key."""
+    torch.manual_seed(0)
+    m = with_stats(ConvBNReLU()).train()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        gm = fusepass.optimize(torch.fx.symbolic_trace(m), [x])
+        assert_close(gm(x), m(x))
+        m.bn.eval()
+        assert_close(gm(x), m(x))
+
+
+def test_only_flags_that_can_matter_are_read():
+    from fusepass.api import training_sensitive
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(),
+                      nn.InstanceNorm2d(4, track_running_stats=True))
+    gm = torch.fx.symbolic_trace(m)
+    got = training_sensitive(gm)
+    assert got[0] is gm
+    assert [type(x) for x in got[1:]] == [nn.BatchNorm2d, nn.Dropout, nn.InstanceNorm2d]
+
+
 # --- 3. a change of running_var alone ----------------------------------------------------
 
 def test_backend_sees_a_change_of_running_var_alone():
