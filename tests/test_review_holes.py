@@ -115,7 +115,7 @@ def test_optimize_takes_a_container_input(kind):
         assert v.gm is not None
 
 
-def test_container_inputs_of_another_structure_get_their_own_variant():
+def test_container_inputs_of_other_shapes_get_their_own_variant():
     """Other shapes inside the container are another variant, never a misuse."""
     class Sum(nn.Module):
         def __init__(self):
