@@ -7,7 +7,9 @@ switches inside the compiled function. Out comes a functional ATen graph with
   * every convolution is ``fusepass::conv`` and every ``F.linear`` is ``fusepass::linear``
     (empty post-op chain): one spelling for the patterns, and a kernel for lowering;
   * weights (parameters and buffers) are ``get_attr`` constants when, and only when,
-    the graph is used for inference (``inference_reason``).
+    the graph is used for inference (``inference_reason``) and the graph does not write
+    them: a weight the graph writes is state (a training-mode BatchNorm's running
+    statistics, ``num_batches_tracked``), not a constant, and stays a placeholder.
 Both entry points first *lift* their graph to ``fn(*args)`` whose leading or marked
 args are the weights, so the backend and ``optimize`` share everything after that.
 """
@@ -44,6 +46,7 @@ class Lifted:
     weights: dict  # int -> source name ("conv1.weight", "L['self']._modules[...]")
     graph: fx.Graph | None  # the torch-level graph, for the grad-mode analysis
     attrs: dict = field(default_factory=dict)  # get_attr target -> the tensor it holds
+    readers: list | None = None  # per arg: the nodes of ``graph`` that read it
 
 
 def lift_dynamo(gm: fx.GraphModule, example_inputs) -> Lifted:
@@ -56,7 +59,7 @@ def lift_dynamo(gm: fx.GraphModule, example_inputs) -> Lifted:
         src = src() if callable(src) else src
         if isinstance(ex, torch.nn.Parameter) or "._parameters[" in src or "._buffers[" in src:
             weights[i] = src or n.name
-    return Lifted(gm, weights, gm.graph, graph_attrs(gm))
+    return Lifted(gm, weights, gm.graph, graph_attrs(gm), [[p] for p in placeholders])
 
 
 def graph_attrs(gm: fx.GraphModule) -> dict:
@@ -92,8 +95,44 @@ def lift_module(gm: torch.nn.Module) -> tuple[Lifted, Callable[[], list]]:
     def current():  # a replaced Parameter or buffer is seen; a replaced submodule is not
         return [d[k] for d, k in slots]
 
-    graph = gm.graph if isinstance(gm, fx.GraphModule) else None
-    return Lifted(fn, dict(enumerate(names)), graph), current
+    if not isinstance(gm, fx.GraphModule):
+        return Lifted(fn, dict(enumerate(names)), None), current
+    return Lifted(fn, dict(enumerate(names)), gm.graph, readers=_readers(gm, names)), current
+
+
+def _readers(gm: fx.GraphModule, names: list) -> list:
+    """Per arg of ``lift_module``'s function, the nodes of ``gm``'s graph that read it: a
+    weight is read by its ``get_attr`` and by the ``call_module`` of its module or of any
+    module above it (``layer1.0.conv1.weight``: ``layer1.0.conv1``, ``layer1.0``, ...), a
+    user arg by its placeholder."""
+    by_target: dict = {}
+    for n in gm.graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            by_target.setdefault(n.target, []).append(n)
+    readers = []
+    for name in names:
+        parts = name.split(".")
+        readers.append([n for i in range(len(parts), 0, -1)
+                        for n in by_target.get(".".join(parts[:i]), [])])
+    return readers + [[n] for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def lift_leaves(lifted: Lifted, spec) -> Lifted:
+    """``lifted`` (weights leading, as ``lift_module`` makes it) as a function of its
+    weights and the pytree leaves of its user args, ``spec`` their structure. make_fx
+    flattens its inputs anyway, one placeholder per leaf: capturing this function makes
+    the graph's placeholders and the args it is called with the same list."""
+    k = len(lifted.weights)
+    assert set(lifted.weights) == set(range(k)), "weights must be the leading args"
+
+    def fn(*args):
+        return lifted.fn(*args[:k], *pytree.tree_unflatten(list(args[k:]), spec))
+    readers = None
+    if lifted.readers is not None:  # a leaf is read where its container is
+        readers = lifted.readers[:k] + [r for r, child in zip(lifted.readers[k:],
+                                                               treespec_children(spec))
+                                        for _ in range(child.num_leaves)]
+    return Lifted(fn, lifted.weights, lifted.graph, lifted.attrs, readers)
 
 
 def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[bool, str]:
@@ -109,10 +148,9 @@ def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[boo
         return True, "grad is disabled"
     if eval_mode:
         return True, "module is in eval mode (optimize() is an inference request)"
-    if lifted.graph is None:
+    if lifted.graph is None or lifted.readers is None:
         return False, "grad is enabled and parameters require grad"
-    placeholders = [n for n in lifted.graph.nodes if n.op == "placeholder"]
-    tainted = {placeholders[i] for i in needs_grad if i < len(placeholders)}
+    tainted = {n for i in needs_grad for n in lifted.readers[i]}  # a call_module reads its own
     tainted |= {n for n in lifted.graph.nodes if n.op == "get_attr" and n.target in attrs_grad}
     enabled = True
     for n in lifted.graph.nodes:
@@ -121,7 +159,7 @@ def inference_reason(lifted: Lifted, args, eval_mode: bool = False) -> tuple[boo
         elif n.op == "call_function" and "inference_mode" in getattr(n.target, "__name__", ""):
             enabled = "exit" in n.target.__name__
         elif n.op not in ("placeholder", "output", "get_attr"):
-            if any(a in tainted for a in n.all_input_nodes):
+            if n in tainted or any(a in tainted for a in n.all_input_nodes):
                 if enabled:
                     return False, (f"grad is enabled at {n.name} and it uses a tensor that "
                                    "requires grad: nothing frozen or fused (use torch.no_grad())")
@@ -147,6 +185,31 @@ class Captured:
     gm: fx.GraphModule  # ATen IR; placeholders = the non-weight args, in order
     out_spec: Any  # pytree spec of the original output
     user_idx: list  # arg positions that are placeholders of gm
+    state: dict = field(default_factory=dict)  # weight arg -> why: weights the graph writes
+    state_attrs: dict = field(default_factory=dict)  # the same for graph-attribute weights
+
+
+BN_TRAINING = "BatchNorm in training mode updates its statistics"
+
+
+def written(gm: fx.GraphModule) -> dict:
+    """The nodes whose tensors the graph writes, with why: the arguments an op's schema
+    marks ``Tensor(a!)`` (functionalize leaves a ``copy_`` into every input the function
+    mutates) and the running statistics a training-mode ``native_batch_norm`` updates,
+    which its schema does not declare."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is aten.native_batch_norm.default and n.args[5]:
+            out.update((a, BN_TRAINING) for a in n.args[3:5] if isinstance(a, fx.Node))
+        schema = getattr(n.target, "_schema", None)
+        for i, a in enumerate(schema.arguments if schema is not None else ()):
+            if a.alias_info is not None and a.alias_info.is_write:
+                arg = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                if isinstance(arg, fx.Node):
+                    out.setdefault(arg, "the graph writes it")
+    return out
 
 
 def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
@@ -169,10 +232,19 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
     for n, a in zip(placeholders, args):  # a scalar input (Dynamo's automatic-dynamic sizes)
         if "val" not in n.meta and isinstance(a, (int, float, bool)):
             n.meta["val"] = a
+    state, state_attrs = {}, {}
     if freeze:
+        writes = written(gm)
+        state = {i: writes[placeholders[i]] for i in lifted.weights if placeholders[i] in writes}
+        ptrs = {getattr(gm, n.target).data_ptr(): why for n, why in writes.items()
+                if n.op == "get_attr"}
+        state_attrs = {k: ptrs[t.data_ptr()] for k, t in lifted.attrs.items()
+                       if t.data_ptr() in ptrs}
         for i, name in lifted.weights.items():
-            _freeze(gm, placeholders[i], args[i], name, f"_fp_w{i}")
-    user_idx = [i for i in range(len(args)) if not (freeze and i in lifted.weights)]
+            if i not in state:
+                _freeze(gm, placeholders[i], args[i], name, f"_fp_w{i}")
+    user_idx = [i for i in range(len(args))
+                if not (freeze and i in lifted.weights and i not in state)]
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target is aten.convolution.default:
             _swap(gm, n, fp.conv, (*n.args, None, [], []))
@@ -187,7 +259,7 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return Captured(gm, None if structured else spec["out"], user_idx)
+    return Captured(gm, None if structured else spec["out"], user_idx, state, state_attrs)
 
 
 def _structured_output(gm, spec) -> bool:

@@ -1,24 +1,36 @@
-"""The runtime of a compiled graph: one optimized variant per input signature, rebuilt
-when a weight it was folded from changes.
+"""The runtime of a compiled graph: one optimized variant per key (input signature, grad
+mode, training flags), rebuilt when a weight it was folded from changes.
 
-Folded weights are derived data (DESIGN.md, "Freezing is explicit"): every call compares
-each source weight with the snapshot the variants were built from (pytorch#104984):
+Folded weights are derived data (DESIGN.md, "Freezing is explicit"): every call of a
+variant compares each weight that variant froze with the snapshot it was built from
+(``Watch``; pytorch#104984):
   * the tensor object itself (the snapshot holds it, so neither its id nor its memory
     can be reused by a replacement while we compare against it): a replaced parameter,
     ``load_state_dict(assign=True)``;
   * ``(data_ptr, _version)``: in-place updates, ``load_state_dict``, ``p.data = t``;
-  * the values of BatchNorm running means: ``native_batch_norm`` updates the running
-    statistics in a training-mode step without bumping their version counter (its schema
-    does not declare the write), and they are small, so they are compared by value (the
-    variance is updated with the mean, so the mean tells for both).
+  * the values of BatchNorm running means and variances: ``native_batch_norm`` updates
+    them in a training-mode step without bumping their version counter (its schema does
+    not declare the write), and they are small, so they are compared by value. Both:
+    a step whose batch mean equals the running mean bit for bit (zero-mean data on a
+    fresh BatchNorm) changes the variance alone.
 Weights the graph holds itself (Dynamo installs them as ``get_attr`` under Inductor's
 freezing flag or ``prepare_freezing``) are watched by reference the same way (a replaced
 Parameter makes Dynamo recompile: it guards their identity then); their small buffers are
 compared by value, BatchNorm statistics among them.
-Any difference drops the variants. Writes through ``p.data`` (a tensor with its own
-version counter) and to inference tensors (no version counter) remain invisible.
+A difference drops every variant folded from the changed weights. Writes through
+``p.data`` (a tensor with its own version counter), through numpy or DLPack views and to
+inference tensors (no version counter) remain invisible, and README.md says so: no exact
+check is cheap, and a sampled one (a word per weight, compared like the statistics)
+measured 98-146 us per call on ResNet-50's 214 weights not already compared by value,
+49-73 us even as one numpy gather over raw addresses, against a budget well under 0.1
+ms; it would still miss writes to unsampled elements.
+Weights the graph writes itself (a training-mode BatchNorm's running statistics and
+``num_batches_tracked``, under no_grad) are state, not constants: capture leaves them
+inputs, so they are neither folded nor watched and the variant is built once.
 Shapes, strides and dtypes of the other inputs key the variants, so a graph optimized
-for batch 1 is rebuilt, never misused, for batch 8.
+for batch 1 is rebuilt, never misused, for batch 8. ``optimize()``'s module may take
+lists, tuples or dicts: the graph is captured over their leaves (make_fx flattens its
+inputs) and called with the leaves; their structure keys the variant too.
 """
 from __future__ import annotations
 
@@ -32,7 +44,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fusepass.check import check_variant
-from fusepass.capture import Lifted, capture, inference_reason
+from fusepass.capture import Lifted, capture, inference_reason, lift_leaves
 from fusepass.options import Options
 from fusepass.pipeline import run_pipeline
 from fusepass.report import Report
@@ -44,6 +56,7 @@ class Variant:
     report: Report
     gm: Optional[fx.GraphModule] = None  # the optimized graph, when there is one
     checked: bool = field(default=True)  # False until a check-mode first call ran
+    watch: Optional["Watch"] = None  # what an optimized variant folded; None: nothing
 
 
 _BN = {torch.ops.aten.native_batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
@@ -52,12 +65,13 @@ _BN = {torch.ops.aten.native_batch_norm.default, torch.ops.aten._native_batch_no
 
 
 def bn_statistics(gm: fx.GraphModule, weights: dict) -> list:
-    """Arg indices of the weights a captured graph uses as BatchNorm running means. The
-    running variance is not watched: ``native_batch_norm`` always updates both together
-    (any other write bumps the version counter), so the mean alone tells; half the
-    tensors to touch per call."""
+    """Arg indices of the weights a captured graph uses as BatchNorm running means or
+    variances. Both: the mean alone does not tell, a training-mode step leaves it
+    unchanged when the batch mean equals it exactly and still changes the variance.
+    EfficientNet-B0 (49 BatchNorms, 98 tensors, 168 KB), right after the graph ran, on a
+    loaded 2-core machine: 134-191 us per call, 84-117 us for the means alone."""
     names = {a.meta.get("fusepass_source") for n in gm.graph.nodes if n.target in _BN
-             for a in n.args[3:4] if isinstance(a, fx.Node)}
+             for a in n.args[3:5] if isinstance(a, fx.Node)}
     return [i for i, name in weights.items() if name in names]
 
 
@@ -73,7 +87,7 @@ def _byte_view(t: torch.Tensor):
 
 
 class StatsWatch:
-    """BatchNorm running means (and, for weights a graph holds as attributes, its small
+    """BatchNorm running statistics (and, for weights a graph holds as attributes, its small
     buffers) as they were when folded, compared bitwise (NaN included) on every call.
     Their memory is read through numpy views made once, gathered by one ``bytes.join``
     and compared by one memcmp: EfficientNet-B0's 49 means, caches cold as they are after
@@ -115,73 +129,108 @@ def signature(args, skip) -> tuple:
     return tuple(sig)
 
 
-class Compiled:
-    def __init__(self, lifted: Lifted, options: Options, weights_getter=None, eval_mode=False):
-        self.lifted, self.options = lifted, options
-        self.weights_getter = weights_getter  # optimize(): weights are read from the module
-        self.eval_mode = eval_mode
-        self.variants: dict = {}
-        self.snapshot = None  # (lifted weights, all watched, data_ptrs, versioned ones, versions)
-        self._weight_idx: list = []
-        self.stats = StatsWatch()
-        self.history = Report()  # refolds and fallbacks across variants
+class Watch:
+    """What one optimized variant folded, as it was then; ``fresh`` compares on every call
+    of that variant, on cold caches (the graph just ran), one pass per property over
+    plain lists (EfficientNet-B0, 360 weights and 98 BatchNorm statistics: 0.55-0.77 ms
+    per call on a loaded 2-core machine, most of it the data pointers and versions).
+    Only the weights the variant froze are watched: the ones its graph writes itself
+    (``Captured.state``) are inputs it reads afresh on every call."""
 
-    def full_args(self, args) -> list:
-        return (self.weights_getter() + list(args)) if self.weights_getter else list(args)
-
-    def __call__(self, *args):
-        full = self.full_args(args)
-        return self.variant(full).run(full)
+    def __init__(self, full, frozen: list, attrs: dict):
+        self.idx = frozen
+        self.weights = [full[i] for i in frozen]
+        # weights the graph holds as attributes are the same tensors on every call: no
+        # identity to compare, but their memory, versions and (buffers) values
+        self.tensors = self.weights + list(attrs.values())
+        self.versioned = [t for t in self.tensors if not t.is_inference()]  # others: no counter
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+        self.versions = [t._version for t in self.versioned]
+        self.values = StatsWatch()
+        for name, t in attrs.items():
+            # buffers by value: BatchNorm statistics among them (which one is, the
+            # torch-level graph does not say cheaply); large ones by version only
+            if not isinstance(t, torch.nn.Parameter) and t.nbytes <= WATCH_BY_VALUE_BYTES:
+                self.values.add(name, t)
 
     def fresh(self, full) -> bool:
-        """Are the source weights the ones the variants were built from? Runs on every
-        call, on cold caches (the graph just ran): one pass per property over plain
-        lists (EfficientNet-B0, 360 weights and 49 BatchNorm means: ~0.2 ms per call)."""
-        if self.snapshot is None:
+        if not all(map(operator.is_, map(full.__getitem__, self.idx), self.weights)):
             return False
-        weights, tensors, ptrs, versioned, versions = self.snapshot
-        if not all(map(operator.is_, map(full.__getitem__, self._weight_idx), weights)):
+        if [t.data_ptr() for t in self.tensors] != self.ptrs:
             return False
-        if [t.data_ptr() for t in tensors] != ptrs or [t._version for t in versioned] != versions:
+        if [t._version for t in self.versioned] != self.versions:
             return False
-        return self.stats.unchanged()
+        return self.values.unchanged()
 
-    def variant(self, full) -> Variant:
-        if not self.fresh(full):
-            if self.snapshot is not None:
-                self.history.record("runtime", "-", "-", "info",
-                                    "a source weight changed since folding: rebuilt")
-            self.variants.clear()
-            self.stats = StatsWatch()  # BN running means, as each build folds them
-            self._weight_idx = list(self.lifted.weights)
-            weights = [full[i] for i in self._weight_idx]
-            # weights the graph holds as attributes are the same tensors on every call:
-            # no identity to compare, but their memory, versions and (buffers) values
-            tensors = weights + list(self.lifted.attrs.values())
-            versioned = [t for t in tensors if not t.is_inference()]  # others have no counter
-            self.snapshot = (weights, tensors, [t.data_ptr() for t in tensors], versioned,
-                             [t._version for t in versioned])
-            for name, t in self.lifted.attrs.items():
-                # buffers by value: BatchNorm statistics among them (which one is, the
-                # torch-level graph does not say cheaply); large ones by version only
-                if not isinstance(t, torch.nn.Parameter) and t.nbytes <= WATCH_BY_VALUE_BYTES:
-                    self.stats.add(name, t)
-        key = signature(full, self.lifted.weights)
-        v = self.variants.get(key)
-        if v is None:
-            with torch._guards.tracing(None):  # not inside dynamo's tracing context
-                v = self.variants[key] = self.build(full)
+
+class Compiled:
+    def __init__(self, lifted: Lifted, options: Options, weights_getter=None, modes=None):
+        self.lifted, self.options = lifted, options
+        self.weights_getter = weights_getter  # optimize(): weights are read from the module
+        self.modes = modes  # optimize(): () -> the training flags of the module's modules
+        self.variants: dict = {}
+        self.history = Report()  # refolds and fallbacks across variants
+        self.builds = 0  # variants built, rebuilds included
+        self.by_structure: dict = {}  # pytree spec of container inputs -> Lifted over leaves
+
+    def full_args(self, args) -> tuple[list, Any]:
+        """(the args the graph takes, the pytree spec of the user args when one of them is a
+        container, else None). Dynamo hands the backend flat tensors; ``optimize()``'s
+        module may take lists, tuples, dicts, whose leaves become the args."""
+        args = list(args)
+        if self.weights_getter is None:
+            return args, None
+        spec = None
+        if not all(map(pytree.tree_is_leaf, args)):
+            args, spec = pytree.tree_flatten(args)
+        return self.weights_getter() + args, spec
+
+    def lifted_for(self, spec) -> Lifted:
+        if spec is None:
+            return self.lifted
+        lifted = self.by_structure.get(spec)
+        if lifted is None:
+            lifted = self.by_structure[spec] = lift_leaves(self.lifted, spec)
+        return lifted
+
+    def __call__(self, *args):
+        full, spec = self.full_args(args)
+        return self.variant(full, spec).run(full)
+
+    def variant(self, full, spec=None) -> Variant:
+        v = self.variants.get(key := self.key(full, spec))
+        if v is not None and (v.watch is None or v.watch.fresh(full)):
+            return v
+        if v is not None:
+            self.history.record("runtime", "-", "-", "info",
+                                "a source weight changed since folding: rebuilt")
+            # every variant folded from the changed weights goes, not only this one
+            for k, other in list(self.variants.items()):
+                if other.watch is not None and not other.watch.fresh(full):
+                    del self.variants[k]
+        with torch._guards.tracing(None):  # not inside dynamo's tracing context
+            v = self.variants[key] = self.build(full, self.lifted_for(spec), key[2])
         return v
 
-    def unoptimized(self, report, reason, action="info") -> Variant:
-        report.record("capture", "-", "-", action, reason)
-        return Variant(lambda full: self.lifted.fn(*full), report)
+    def key(self, full, spec) -> tuple:
+        """What decides a variant: the structure of container inputs, grad mode and the
+        modules' training flags (both decide freezing; the flags also what the graph
+        computes: BatchNorm, dropout), and the inputs' signature. Dynamo guards grad mode
+        and training flags itself; optimize() has only this key."""
+        modes = self.modes() if self.modes else None
+        return spec, torch.is_grad_enabled(), modes, signature(full, self.lifted.weights)
 
-    def build(self, full) -> Variant:
+    def unoptimized(self, lifted, report, reason, action="info") -> Variant:
+        report.record("capture", "-", "-", action, reason)
+        return Variant(lambda full: lifted.fn(*full), report)
+
+    def build(self, full, lifted: Lifted, modes=None) -> Variant:
+        self.builds += 1
         report = Report()
-        frozen, why = inference_reason(self.lifted, full, self.eval_mode)
+        eval_mode = modes is not None and not any(modes)
+        frozen, why = inference_reason(lifted, full, eval_mode)
         if not frozen:
-            return self.unoptimized(report, why)
+            return self.unoptimized(lifted, report, why)
         report.record("capture", "-", "-", "info", f"weights frozen: {why}")
         if self.lifted.attrs:
             report.record("capture", "-", "-", "info",
@@ -189,13 +238,13 @@ class Compiled:
                           "does that under Inductor's freezing flag or prepare_freezing): "
                           "watched by reference, buffers by value")
         try:
-            cap = capture(self.lifted, full, freeze=True)
-            for i in bn_statistics(cap.gm, self.lifted.weights):
-                self.stats.add(i, full[i])
+            cap = capture(lifted, full, freeze=True)
+            watch = self._watch(full, lifted, cap, report)
             gm = run_pipeline(cap.gm, self.options, report,
-                              recapture=lambda: capture(self.lifted, full, freeze=True).gm)
+                              recapture=lambda: capture(lifted, full, freeze=True).gm)
         except Exception as e:
-            return self.unoptimized(report, f"{type(e).__name__}: {e}; running unoptimized", "fallback")
+            return self.unoptimized(lifted, report, f"{type(e).__name__}: {e}; running unoptimized",
+                                    "fallback")
         gm.fusepass_report = report
         idx, spec = cap.user_idx, cap.out_spec
 
@@ -207,27 +256,47 @@ class Compiled:
             try:
                 return optimized(full)
             except Exception as e:  # last resort: eager; an error eager shares is the user's
-                out = self.lifted.fn(*full)
+                out = lifted.fn(*full)
                 report.record("runtime", "-", "-", "fallback",
                               f"{type(e).__name__}: {e}; this variant now runs unoptimized")
-                v.run, v.checked, v.gm = (lambda f: self.lifted.fn(*f)), True, None
+                v.run, v.checked, v.gm = (lambda f: lifted.fn(*f)), True, None
                 return out
 
-        v = Variant(run, report, gm)
+        v = Variant(run, report, gm, watch=watch)
         if self.options.check:
-            v.run, v.checked = self._checked(v, run, idx), False
+            v.run, v.checked = self._checked(lifted, v, run, idx, set(watch.idx)), False
         return v
 
-    def _checked(self, v, run, idx):
-        weights = self.lifted.weights
+    @staticmethod
+    def _watch(full, lifted, cap, report) -> Watch:
+        """The variant's watch: the weights it froze, graph attributes but those its graph
+        writes, BatchNorm statistics by value. Weights the graph writes are state: they
+        stay inputs, neither frozen nor watched (a training-mode BatchNorm under no_grad
+        would otherwise be rebuilt on every call: each call changes its statistics)."""
+        frozen = [i for i in lifted.weights if i not in cap.state]
+        watch = Watch(full, frozen, {k: t for k, t in lifted.attrs.items()
+                                     if k not in cap.state_attrs})
+        for i in bn_statistics(cap.gm, lifted.weights):
+            watch.values.add(i, full[i])
+        whys: dict = {}
+        for i, why in cap.state.items():
+            whys.setdefault(why, []).append(lifted.weights[i])
+        for name, why in cap.state_attrs.items():
+            whys.setdefault(why, []).append(name)
+        for why, names in whys.items():
+            report.record("capture", "-", "-", "info",
+                          f"{why}: not folded; {', '.join(names)} stay graph inputs, not "
+                          "frozen and not watched (state, not constants)")
+        return watch
 
+    def _checked(self, lifted, v, run, idx, frozen):
         def pristine(full):  # eager and the localizer must not mutate the user's inputs
-            return [a.clone() if isinstance(a, torch.Tensor) and i not in weights else a
+            return [a.clone() if isinstance(a, torch.Tensor) and i not in frozen else a
                     for i, a in enumerate(full)]
 
         def first_call(full):
             with torch.no_grad():
-                want = self.lifted.fn(*pristine(full))
+                want = lifted.fn(*pristine(full))
             local = pristine(full)
             out = run(full)
             check_variant(v.gm, [local[i] for i in idx], out, want)
