@@ -173,8 +173,9 @@ def _keep_output_strides(gm, out, want, report):
     leaves = [n for n in tree_leaves(out.args) if hasattr(n, "meta")]
     for n, w in zip(leaves, want):
         h = n.meta["val"]
-        if not isinstance(w, torch.Tensor) or w.stride() == h.stride():
-            continue
+        if not isinstance(w, torch.Tensor) or all(
+                a == b for a, b, d in zip(w.stride(), h.stride(), w.shape) if d > 1):
+            continue  # the same memory layout (size-1 dims' strides aside)
         back = _clone(gm, n, L.format_of(w), "to_nchw", gm.graph.inserting_after(n))
         out.replace_input_with(n, back)
         report.record("propagate_layout", "exit", n.name, "info",

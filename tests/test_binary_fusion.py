@@ -195,18 +195,27 @@ def test_conv_rows_numerics_vs_eager(row, data, seed):
         t = t.to(memory_format=fmt) if case["layout"] == "channels_last" else t
     t0 = t.clone()
     gm = optimize(m, [x, t])
-    assert not gm.fusepass_report.fell_back, gm.fusepass_report.summary()
-    want = {row: 1} | ({f"{family}.relu": 1} if case["relu"] else {})
-    if family == "conv1d":  # no binary conv1d kernel: declined, the report says why
-        want = {}
-        assert any("2-d and 3-d" in r for r in declined(gm.fusepass_report))
-    elif dtype == torch.bfloat16 and not NATIVE_BF16:
-        want = {}
-        assert any("CPU lacks native bf16" in r for r in declined(gm.fusepass_report))
-    assert fused(gm.fusepass_report) == want, gm.fusepass_report.summary()
+    rep = gm.fusepass_report
     with torch.no_grad():
         expected = m(x, t)
         got = gm(x, t)
+    # where eager lays the result out otherwise than the fused kernel would write it
+    # (size-1 dims count: C == 1 mixed layouts), the row declines; the strides below hold
+    layout = [r for r in declined(rep, row) if "oneDNN's conv writes" in r or "lays the result out" in r]
+    want = {row: 1} | ({f"{family}.relu": 1} if case["relu"] else {})
+    if layout:
+        want = {}
+    elif family == "conv1d":  # no binary conv1d kernel: declined, the report says why
+        want = {}
+        assert any("2-d and 3-d" in r for r in declined(rep, row)), rep
+    elif dtype == torch.bfloat16 and not NATIVE_BF16:
+        want = {}
+        assert any("CPU lacks native bf16" in r for r in declined(rep, row)), rep
+    assert fused(rep) == want, rep.summary()
+    # the memory layout eager gives (strides of dims of size > 1; exact strides of size-1
+    # dims of C == 1 results are tests/test_strides.py's business)
+    assert [s for s, d in zip(got.stride(), got.shape) if d > 1] == \
+        [s for s, d in zip(expected.stride(), expected.shape) if d > 1], (got.stride(), expected.stride())
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert_close(got, expected, dtype)
     assert torch.equal(t, t0), "the residual input was written"

@@ -347,9 +347,10 @@ def test_folded_graph_properties(row, data):
     assert prefix + captured_op(*steps[0])[1] == row and \
         want_steps[0] == ("folded" if spelling != "rdiv" else ("declined", "not affine"))
 
-    # (b) + (c): the IR after the fold passes (fuse off, reference lowering: plain ATen)
-    base = histogram(optimize(m, [x], disable=NO_FOLDS, lowering="reference"))
-    gm = optimize(m, [x], disable=["fuse"], lowering="reference")
+    # (b) + (c): the IR after the fold passes (fuse and layout off — layout conversions are
+    # propagate_layout's, tests/test_layout.py — reference lowering: plain ATen)
+    base = histogram(optimize(m, [x], disable=[*NO_FOLDS, "propagate_layout"], lowering="reference"))
+    gm = optimize(m, [x], disable=["fuse", "propagate_layout"], lowering="reference")
     after, report = histogram(gm), gm.fusepass_report
     folded = Counter(captured_op(*s)[0] for s, e in zip(steps, want_steps) if e == "folded")
     assert base - after == folded and not (after - base), (want_steps, base, after)

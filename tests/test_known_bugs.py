@@ -229,6 +229,9 @@ def test_integer_inputs_and_structured_outputs():
     assert_close(dataclasses.astuple(got["pair"][1]), dataclasses.astuple(want["pair"][1]))
 
 
+# issue 14, open: with dynamic=True Dynamo hands BatchNorm's momentum over as a tensor and
+# .item()s it; capture's static fake mode cannot, so the graph runs unoptimized (reported)
+@pytest.mark.expect_fallback(r"^capture: DataDependentOutputException: aten\._local_scalar_dense")
 def test_dynamic_shapes_stay_correct():
     from fusepass import models
     m = models.build("resnet18")
