@@ -9,8 +9,6 @@ row fuses. Order matters where spellings nest: ``y * sigmoid(y)`` (silu) comes b
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from fusepass import ops as fp

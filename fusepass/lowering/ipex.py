@@ -207,6 +207,7 @@ def _lower(gm, node, kind, x, w, b, other, chain, scalars, fmt, params, build):
     try:
         found, fresh = _context(gm, kind, w, b, params, build)
     except Exception as e:  # IPEX refused the weight: decline, nothing mutated yet
+        prefix = {"conv": "convolution", "conv_transpose": "conv_transpose", "linear": "linear"}[kind]
         return f"IPEX {prefix}_prepack failed: {type(e).__name__}: {e}"
     ctx = _attach(gm, node, found, fresh)
     if mode == "unary":
