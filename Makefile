@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m fusepass.demo
+	$(BIN)/python -m bench.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --hypothesis-profile=ci

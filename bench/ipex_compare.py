@@ -81,7 +81,7 @@ def reinit_bert_(model: nn.Module, seed: int = 0) -> nn.Module:
 def build(name: str, batch: int):
     """(eval model, input) for a model name."""
     if name == "resnet50":
-        from fusepass import models
+        from bench import zoo as models
         return models.build("resnet50"), models.example_input("resnet50", batch, 224)
     if name == "bert_base":
         from transformers import BertConfig, BertModel

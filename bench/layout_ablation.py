@@ -3,7 +3,7 @@
     python -m bench.layout_ablation [--batch 1 8] [--rounds 15] [--res 224]
 
 Configs: fusepass (everything), fusepass without ``propagate_layout``, without
-``prepack_weights``, without both, and eager. Same model (``fusepass.models.build``:
+``prepack_weights``, without both, and eager. Same model (``bench.zoo.build``:
 re-initialized, calibrated), same contiguous NCHW input, 2 threads. Rounds are
 interleaved — each round times every config once, in a rotated order — so drift in
 machine load hits all configs alike; we report the median and IQR over rounds. Note the
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import fusepass
-from fusepass import models
+from bench import zoo as models
 
 CONFIGS = {  # name -> fusepass disable list (None: eager)
     "fusepass": [],

@@ -1,7 +1,7 @@
 """The benchmark's models: conv nets from the package, transformers from configs.
 
 Why this exists: the bench must compare compilers on realistic graphs without any
-download. Conv nets come from :mod:`fusepass.models` (torchvision look-alikes with sane
+download. Conv nets come from :mod:`bench.zoo` (torchvision look-alikes with sane
 random weights); BERT-base and ViT-base are built by ``transformers`` from their
 default configs. HF's own init (std 0.02 everywhere) leaves every Linear shrinking
 its input ~2x, so attention is near-uniform and the residual stream is dominated by
@@ -14,9 +14,7 @@ workers), so it uses nothing newer than that and imports transformers lazily.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
@@ -27,17 +25,9 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def _conv_models():
-    """``fusepass.models``; loaded from its file if the package does not import (the
-    IPEX env's torch may be too old for the rest of fusepass)."""
-    try:
-        from fusepass import models
-        return models
-    except Exception:  # pragma: no cover - only in an env where fusepass does not import
-        path = pathlib.Path(__file__).resolve().parent.parent / "fusepass" / "models.py"
-        spec = importlib.util.spec_from_file_location("_fusepass_models", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+    """``bench.zoo``: plain torch, so it imports in the IPEX env (torch 2.8) too."""
+    from bench import zoo
+    return zoo
 
 
 @dataclass(frozen=True)
@@ -178,14 +168,14 @@ def _hf(name: str, description: str, kind: str):
 
 
 MODELS = {
-    "resnet50": _cnn("resnet50", "ResNet-50 (fusepass.models, torchvision look-alike), 224x224"),
+    "resnet50": _cnn("resnet50", "ResNet-50 (bench.zoo, torchvision look-alike), 224x224"),
     "mobilenet_v3_large": _cnn("mobilenet_v3_large",
                                "MobileNetV3-Large (hardswish, SE, depthwise), 224x224"),
     "efficientnet_b0": _cnn("efficientnet_b0", "EfficientNet-B0 (SiLU, SE, depthwise), 224x224"),
     "bert_base": _hf("bert_base", "transformers BertModel, BertConfig() (base), seq 128", "bert"),
     "vit_base": _hf("vit_base", "transformers ViTModel, ViTConfig() (base, 16x16 patches), 224x224",
                     "vit"),
-    "resnet18": _cnn("resnet18", "ResNet-18 (fusepass.models), 224x224"),
+    "resnet18": _cnn("resnet18", "ResNet-18 (bench.zoo), 224x224"),
     "mobilenet_v3_small": _cnn("mobilenet_v3_small", "MobileNetV3-Small, 224x224"),
     "tiny": ModelSpec("tiny", "cnn", "TinyNet (smoke test): conv-BN-ReLU, residual, SE, 32x32",
                       _build_tiny, _tiny_inputs),

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from fusepass.capture import lift_module
-from fusepass.compiled import Compiled
+from fusepass.runtime import Compiled
 from fusepass.ir import pin_constants
 from fusepass.options import Options
 from fusepass.report import Report

@@ -8,7 +8,7 @@ returned callable gets them again on every call, which makes the freshness check
 from __future__ import annotations
 
 from fusepass.capture import lift_dynamo
-from fusepass.compiled import Compiled
+from fusepass.runtime import Compiled
 from fusepass.options import Options
 
 def fusepass_backend(gm, example_inputs, options=None, mode=None, **kwargs):

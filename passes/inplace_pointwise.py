@@ -27,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fusepass.ir import val
 from fusepass.postops import REGISTRY
-from fusepass.lowering.inplace import why_not_inplace
+from fusepass.ir.alias import why_not_inplace
 
 aten = torch.ops.aten
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fusepass
-from fusepass import models
+from bench import zoo as models
 from tests.util import assert_close, histogram, optimize
 
 

@@ -190,7 +190,7 @@ def test_stats_watch_compares_bitwise_and_sees_every_write():
     """The per-call BatchNorm-statistics check: reads live memory (no copy) for contiguous
     means, copies a strided one per call, compares bits (a NaN equals itself, -0.0 does
     not equal 0.0), and snapshots each tensor when it is added, not on first check."""
-    from fusepass.compiled import StatsWatch
+    from fusepass.runtime import StatsWatch
     dense = torch.tensor([1.0, float("nan"), 0.0])
     strided = torch.arange(8.0)[::2]  # not one contiguous block
     full = [dense, strided]

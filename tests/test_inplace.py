@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusepass.capture import capture, lift_module
-from fusepass.lowering import inplace
+from fusepass.ir import alias
 from tests.util import NATIVE_BF16, assert_close, examples, histogram, optimize
 
 INPLACE = "mkldnn._convolution_pointwise_.binary"
@@ -197,11 +197,11 @@ def test_alias_class_follows_views_and_splits():
     gm = _captured(lambda a: (lambda b: (b.view(-1), torch.split(b, 2, 1)[0], b * 2))(a.sin()),
                    torch.randn(2, 4))
     sin = _node(gm, "sin")
-    names = {n.name for n in inplace.alias_class(sin)}
+    names = {n.name for n in alias.alias_class(sin)}
     assert {"sin", "view"} <= names and "mul" not in names
     assert any(n.startswith(("split", "getitem")) for n in names)
     view = _node(gm, "view")
-    assert sin in inplace.alias_class(view)
+    assert sin in alias.alias_class(view)
 
 
 @settings(max_examples=examples(20))

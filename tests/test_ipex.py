@@ -27,7 +27,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fusepass  # noqa: E402
-from fusepass import models  # noqa: E402
+from bench import zoo as models  # noqa: E402
 from fusepass.capture import capture, lift_module  # noqa: E402
 from fusepass.lowering import ipex as ipex_target  # noqa: E402
 from tests.util import assert_close, examples, histogram, optimize  # noqa: E402

@@ -233,7 +233,7 @@ def test_integer_inputs_and_structured_outputs():
 # .item()s it; capture's static fake mode cannot, so the graph runs unoptimized (reported)
 @pytest.mark.expect_fallback(r"^capture: DataDependentOutputException: aten\._local_scalar_dense")
 def test_dynamic_shapes_stay_correct():
-    from fusepass import models
+    from bench import zoo as models
     m = models.build("resnet18")
     with torch.no_grad():
         c = torch.compile(m, backend="fusepass", dynamic=True)

@@ -19,7 +19,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
-from fusepass import models
+from bench import zoo as models
 from fusepass.capture import capture, lift_module
 from fusepass.options import Options
 from fusepass.pipeline import verify

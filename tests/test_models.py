@@ -1,4 +1,4 @@
-"""Tests for fusepass.models: the in-package torchvision look-alikes used by the demo,
+"""Tests for bench.zoo: the torchvision look-alikes used by the demo,
 tests and benchmarks. They must match torchvision's architectures (checked through
 parameter counts and state_dict key names), be deterministic, and have sane numerics
 (no ~0 outputs, no denormals) after ``reinit_``."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.fx
 
-from fusepass import models
+from bench import zoo as models
 
 # torchvision's own numbers (sum(p.numel() for p in model.parameters()), 1000 classes)
 TORCHVISION_PARAMS = {
@@ -127,8 +127,8 @@ def test_unknown_model():
 
 
 def test_import_pulls_in_nothing_but_torch():
-    code = ("import sys, fusepass; before = set(sys.modules); import fusepass.models; "
-            "bad = sorted(m for m in set(sys.modules) - before if m != 'fusepass.models' and "
+    code = ("import sys; before = set(sys.modules); import bench.zoo; "
+            "bad = sorted(m for m in set(sys.modules) - before if "
             "m.split('.')[0] in ('torchvision', 'transformers', 'timm', 'fusepass')); "
             "assert not bad, bad")
     root = pathlib.Path(__file__).resolve().parents[1]

@@ -95,7 +95,7 @@ def test_batch1_to_batch8_through_torch_compile():
 
 
 def test_resnet_batch1_to_batch8():
-    from fusepass import models
+    from bench import zoo as models
     m = models.build("resnet18")
     opt = optimize(m, [models.example_input("resnet18", 1, 64)])
     x8 = models.example_input("resnet18", 8, 64)

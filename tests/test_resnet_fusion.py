@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from fusepass import models
+from bench import zoo as models
 from tests.util import NATIVE_BF16, assert_close, histogram, needs_native_bf16, optimize
 
 CONV_KERNELS = ("mkldnn._convolution_pointwise", "mkldnn._convolution_pointwise.binary",

@@ -338,7 +338,7 @@ def test_unsafe_view_alias_is_not_written_in_place(model):
 def test_aliasing_rule_for_ops_whose_schema_does_not_say():
     """Known functional ops alias nothing; an undeclared view, a composite op that may
     return its input, and an op without a schema alias their inputs."""
-    from fusepass.lowering.inplace import aliased_inputs
+    from fusepass.ir.alias import aliased_inputs
     g = torch.fx.Graph()
     x = g.placeholder("x")
     calls = {

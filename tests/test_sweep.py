@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fusepass
-from fusepass import models
+from bench import zoo as models
 from fusepass.backend import fusepass_backend
 
 T = pytest.importorskip("transformers", reason="the sweep builds transformers models from configs")

@@ -24,7 +24,7 @@ Kernel facts this table relies on (IPEX 2.8.0 on torch 2.8.0, measured with
   ``post(y + alpha*accumu)`` (swish *before* the add) and write into ``accumu`` when its
   layout is the output's (else return a fresh tensor); ``accumu`` must have the full
   output shape (a broadcast one fails at run time). ``other`` is therefore passed only
-  when ``fusepass.lowering.inplace`` proves it dead and unaliased; otherwise a clone in
+  when ``fusepass.ir.alias`` proves it dead and unaliased; otherwise a clone in
   the output's layout is.
 * ``linear_mul_run`` gives garbage (no error) for a broadcast operand: full shape only.
 * ``conv_transpose_add_run`` / ``_add_relu_run`` give wrong results: transposed convs
@@ -46,7 +46,7 @@ from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
 from fusepass.ir import constant, emit, infer_meta, is_constant, val
-from fusepass.lowering import inplace
+from fusepass.ir import alias
 from fusepass.lowering.operands import operand_reason
 from fusepass.ops import KERNEL_DTYPES
 from fusepass.lowering.table import register
@@ -132,7 +132,7 @@ def _layout_reason(y, fmt):
 
 
 def _why_not_inplace(node, other, reads):
-    return inplace.why_not_inplace(node, other, reads=reads)
+    return alias.why_not_inplace(node, other, reads=reads)
 
 
 # ----------------------------------------------------------------------------- contexts

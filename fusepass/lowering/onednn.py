@@ -18,7 +18,7 @@ from fusepass import ops as fp
 from fusepass.ir import emit, val
 from fusepass.lowering.operands import operand_reason
 from fusepass.ops import KERNEL_DTYPES
-from fusepass.lowering import inplace
+from fusepass.ir import alias
 from fusepass.lowering.table import register
 from fusepass.postops import REGISTRY
 
@@ -111,7 +111,7 @@ def bf16_add_relu_reason(x, w, groups):
 
 def lower_conv_binary(gm, node):
     """Out-of-place ``_convolution_pointwise.binary`` or, when ``other`` is dead after the
-    op (``inplace.why_not_inplace``) and the op is an add, oneDNN's sum post-op in place
+    op (``alias.why_not_inplace``) and the op is an add, oneDNN's sum post-op in place
     (``_convolution_pointwise_.binary`` writes into ``other``). Measured on torch 2.13:
     both take 2-d/3-d convs only; their fused path needs channels-last input or weight
     (out-of-place also groups == 1; in-place also a channels-last ``other``), otherwise
@@ -121,7 +121,7 @@ def lower_conv_binary(gm, node):
     bf16_add_relu = val(x).dtype == torch.bfloat16 and chain == ["add", "relu"]
     fused_path = _suggests_channels_last(val(x)) or _suggests_channels_last(val(w))
     why_not = (f"out-of-place: only add accumulates in place, not {binop}" if binop != "add"
-               else inplace.why_not_inplace(node, other, reads=(x, w, b)))
+               else alias.why_not_inplace(node, other, reads=(x, w, b)))
     if why_not is None and bf16_add_relu and not (fused_path and _channels_last_contiguous(other)):
         why_not = "out-of-place: bf16 add+relu in place needs channels-last input and other"
     if why_not is None:

@@ -1,7 +1,7 @@
 """`make demo`: compile a real model with backend="fusepass", show what was fused, and
 measure the speedup over eager (interleaved rounds, medians; same process, same run).
 
-    python -m fusepass.demo [--model resnet50] [--batch 1] [--rounds 30] [--full-report]
+    python -m bench.demo [--model resnet50] [--batch 1] [--rounds 30] [--full-report]
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import torch
 
 import fusepass
-from fusepass import models
+from bench import zoo as models
 
 
 def _time(fn, x):

@@ -1,4 +1,4 @@
-"""Reference conv nets defined inside the package, with random weights.
+"""Reference conv nets with random weights: a test and bench asset, not part of the package.
 
 Why this exists: torchvision (and timm) cannot be installed in this environment
 (they pull incompatible torch builds), yet the demo, the tests and the benchmarks
