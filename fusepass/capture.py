@@ -187,6 +187,7 @@ class Captured:
     user_idx: list  # arg positions that are placeholders of gm
     state: dict = field(default_factory=dict)  # weight arg -> why: weights the graph writes
     state_attrs: dict = field(default_factory=dict)  # the same for graph-attribute weights
+    scalars: list = field(default_factory=list)  # 0-d tensor args the graph reads as numbers
 
 
 BN_TRAINING = "BatchNorm in training mode updates its statistics"
@@ -226,9 +227,17 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
             for a in args]
+    for f, a in zip(fake, args):
+        if isinstance(a, torch.Tensor) and a.dim() == 0 and not a.is_complex():
+            # specialized by value: Dynamo's dynamic=True hands module floats (BatchNorm's
+            # eps and momentum, dropout's p) over as 0-d tensors and .item()s them; the
+            # runtime keys the variant by the values of those it finds read (``scalars``)
+            f.item_memo = a.item()
     with torch._guards.tracing(None), mode, (torch.no_grad() if freeze else torch.enable_grad()):
         gm = make_fx(torch.func.functionalize(flat, remove="mutations"), tracing_mode="real")(*fake)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    scalars = [i for i, n in enumerate(placeholders)
+               if any(u.target is aten._local_scalar_dense.default for u in n.users)]
     for n, a in zip(placeholders, args):  # a scalar input (Dynamo's automatic-dynamic sizes)
         if "val" not in n.meta and isinstance(a, (int, float, bool)):
             n.meta["val"] = a
@@ -259,7 +268,8 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return Captured(gm, None if structured else spec["out"], user_idx, state, state_attrs)
+    return Captured(gm, None if structured else spec["out"], user_idx, state, state_attrs,
+                    [i for i in scalars if i in user_idx])
 
 
 def _structured_output(gm, spec) -> bool:

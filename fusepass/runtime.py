@@ -172,6 +172,10 @@ class Compiled:
         self.history = Report()  # refolds and fallbacks across variants
         self.builds = 0  # variants built, rebuilds included
         self.by_structure: dict = {}  # pytree spec of container inputs -> Lifted over leaves
+        # 0-d tensor args a graph reads as numbers (``Captured.scalars``): capture bakes
+        # their values in, so their values key the variants too. Under dynamic=True Dynamo
+        # passes BatchNorm's eps and momentum so (2 per BatchNorm; ~1 us each per call).
+        self.scalars: list = []
 
     def full_args(self, args) -> tuple[list, Any]:
         """(the args the graph takes, the pytree spec of the user args when one of them is a
@@ -209,7 +213,8 @@ class Compiled:
                 if other.watch is not None and not other.watch.fresh(full):
                     del self.variants[k]
         with torch._guards.tracing(None):  # not inside dynamo's tracing context
-            v = self.variants[key] = self.build(full, self.lifted_for(spec), key[2])
+            v = self.build(full, self.lifted_for(spec), key[2])
+        self.variants[self.key(full, spec)] = v  # the build may have found scalars to key by
         return v
 
     def key(self, full, spec) -> tuple:
@@ -218,7 +223,9 @@ class Compiled:
         computes: BatchNorm, dropout), and the inputs' signature. Dynamo guards grad mode
         and training flags itself; optimize() has only this key."""
         modes = self.modes() if self.modes else None
-        return spec, torch.is_grad_enabled(), modes, signature(full, self.lifted.weights)
+        values = tuple(full[i].item() if i < len(full) and isinstance(full[i], torch.Tensor)
+                       else None for i in self.scalars)
+        return spec, torch.is_grad_enabled(), modes, signature(full, self.lifted.weights), values
 
     def unoptimized(self, lifted, report, reason, action="info") -> Variant:
         report.record("capture", "-", "-", action, reason)
@@ -239,6 +246,12 @@ class Compiled:
                           "watched by reference, buffers by value")
         try:
             cap = capture(lifted, full, freeze=True)
+            if cap.scalars:
+                self.scalars = sorted(set(self.scalars) | set(cap.scalars))
+                report.record("capture", "-", "-", "info",
+                              f"{len(cap.scalars)} 0-d tensor input(s) read as numbers (under "
+                              "dynamic=True: module floats such as BatchNorm's eps and "
+                              "momentum) specialized by value: another value rebuilds")
             watch = self._watch(full, lifted, cap, report)
             gm = run_pipeline(cap.gm, self.options, report,
                               recapture=lambda: capture(lifted, full, freeze=True).gm)
