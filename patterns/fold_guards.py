@@ -151,6 +151,21 @@ def bn_channels(m):
     return None
 
 
+def bn_layout(m):
+    """The folded conv returns its own strides where BatchNorm's result had BatchNorm's.
+    They differ only where the conv's are ambiguous (C == 1: contiguous and channels-last
+    at once, and the CPU BatchNorm returns contiguous); a later conv reads even a size-1
+    dim's stride to choose its layout, so folding would change the layout downstream."""
+    from torch._prims_common import suggest_memory_format
+    y, out = m.fused.meta.get("val"), m.anchor.meta.get("val")
+    if y is None or out is None or y.shape != out.shape or y.dim() not in (4, 5):
+        return None
+    if suggest_memory_format(y) == suggest_memory_format(out):
+        return None  # what a conv reading it decides is the same
+    return (f"BatchNorm returns strides {tuple(out.stride())}, the conv {tuple(y.stride())} "
+            "(ambiguous with a size-1 dim): folding would change the layout a later op reads")
+
+
 def bn_constant(m):
     for name in ("bn_weight", "bn_bias", "mean", "var"):
         if m[name] is not None and not is_constant_expr(m.gm, m[name]):

@@ -172,7 +172,7 @@ BN_FORMS = {
         ["bn_weight", "bn_bias", "mean", "var", "momentum", "eps"]),
 }
 BN_GUARDS = (F.plain_op, F.float_result, F.bn_eval, F.weights_constant, F.bn_constant,
-             F.bn_channels, F.bn_finite)
+             F.bn_channels, F.bn_finite, F.bn_layout)
 
 
 def bn_row(family: str, form: str) -> Rule:

@@ -174,3 +174,15 @@ def test_random_conv_graphs_keep_eagers_values_and_strides(g, seed):
     if fmt is not None and g["input_cl"]:
         x = x.to(memory_format=fmt)
     check(m, x)
+
+
+def test_batchnorm_after_a_single_channel_conv_is_not_folded_across_a_layout_change():
+    # conv(3 -> 1) on a channels-last input returns strides that are contiguous and
+    # channels-last at once; the CPU BatchNorm returns contiguous ones, and the next conv
+    # picks its layout from them. Folding would hand that conv the ambiguous strides (it
+    # failed the verifier, and the whole graph ran unoptimized).
+    m = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3))
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    rep = check(m, x)
+    assert "fold.bn.conv2d" not in rep.counts
+    assert any("ambiguous with a size-1 dim" in d.reason for d in rep.where(action="declined")), rep
