@@ -201,6 +201,11 @@ OPENVINO_CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "L
                        "INFERENCE_NUM_THREADS": 2}
 
 
+def _ov_type_name(t) -> str:
+    """``ov.Type`` -> "f32" (its str() is "<Type: 'float32'>")."""
+    return t.get_type_name() if hasattr(t, "get_type_name") else str(t)
+
+
 def make_openvino(model, inputs):
     """``ov.convert_model(model, example_input=...)`` (TorchScript/FX frontend inside
     OpenVINO) then ``Core().compile_model(m, "CPU", f32, LATENCY, 2 threads)``. ``fn``
@@ -220,7 +225,7 @@ def make_openvino(model, inputs):
 
     info = {"openvino": ov.__version__, "ov_config": cfg,
             "ov_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
-            "ov_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT"))}
+            "ov_precision": _ov_type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))}
     return fn, info
 
 
