@@ -169,7 +169,7 @@ def markdown(data: dict) -> str:
         out += ["", "## Errors", ""]
         for r in errs:
             out.append(f"- **{r['model']} bs{r['batch']} {r['config']}** [{r.get('stage')}]: "
-                       f"`{r.get('error', '')[:1500]}` (log: `{r.get('log', '')}`)")
+                       f"`{r.get('error', '').strip()[:1500]}` (log: `{r.get('log', '')}`)")
     return "\n".join(out) + "\n"
 
 
