@@ -82,12 +82,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+ISA_FLAGS = {"sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx_vnni_int8", "avx_ne_convert"}
+
+
 def machine_info() -> dict:
-    cpu = platform.processor()
+    cpu, flags, fam = platform.processor(), None, {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "model name" and cpu == platform.processor():
+                cpu = val.strip()
+            elif key in ("cpu family", "model") and key not in fam:
+                fam[key] = val.strip()
+            elif key == "flags" and flags is None:
+                flags = set(val.split())
+            if key == "" and flags is not None:  # end of the first processor's block
                 break
     except OSError:
         pass
@@ -96,7 +106,11 @@ def machine_info() -> dict:
         mem = psutil.virtual_memory().total / 2**30
     except ImportError:
         mem = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem, "host": platform.node(),
+    # the ISA flags the kernels choose by (oneDNN, OpenVINO and ORT each dispatch on them):
+    # the same model name has come with and without AVX-512 on the shared machines
+    isa = sorted(f for f in (flags or ()) if f in ISA_FLAGS or f.startswith(("avx512", "amx")))
+    return {"cpu": cpu, "cpu_family_model": f"{fam.get('cpu family', '?')}/{fam.get('model', '?')}",
+            "isa_flags": isa, "cores": os.cpu_count(), "mem_gb": mem, "host": platform.node(),
             "python": platform.python_version(), "loadavg_start": _loadavg()}
 
 
@@ -156,7 +170,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     envs = {"main": {"python": sys.executable, "torch": _version("torch"),
-                     "transformers": _version("transformers")}}
+                     "transformers": _version("transformers"),
+                     **{m: _version(m) for m in ("openvino", "onnxruntime", "onnx", "onnxscript")}}}
     ipex_python = None if (args.ipex_python or "").lower() == "none" else (
         args.ipex_python or default_ipex_python())
     ipex_why = "no IPEX environment (pass --ipex-python or set BENCH_IPEX_PYTHON)"

@@ -164,6 +164,113 @@ def make_ipex_backend(model, inputs):
     return fn, lambda: {**info(), "ipex": ipex.__version__}
 
 
+# -------------------------------------------------------------- peers (not torch.compile)
+# OpenVINO and ONNX Runtime compile a whole graph ahead of time and run it on numpy
+# arrays. Every peer gets 2 threads (like torch.set_num_threads(2)) and must not spin
+# while idle: workers stay alive between rounds while another config is timed, and a
+# spinning idle worker would steal a core from it (bench/README.md, "Peers").
+OPENVINO_PIN = "openvino==2026.4.1"
+PEER_PACKAGES = {"openvino": OPENVINO_PIN, "onnxruntime": "onnxruntime onnx onnxscript"}
+
+
+def _peer_missing(*modules: str) -> Optional[str]:
+    """Why a peer config cannot run in this interpreter (checked in the parent, which is
+    the main env's interpreter too), or None. A missing peer becomes a ``skipped`` row."""
+    import importlib.util
+    for mod in modules:
+        if importlib.util.find_spec(mod) is None:
+            top = modules[0]
+            return (f"{mod} not installed: pip install {PEER_PACKAGES.get(top, mod)} torch==2.13.0 "
+                    f"(or make setup: the bench extra has it)")
+    return None
+
+
+def _numpy_inputs(inputs):
+    """Contiguous numpy views of the (CPU, contiguous) torch inputs: no copy."""
+    return [t.detach().contiguous().numpy() for t in inputs]
+
+
+def _torch_outputs(arrays):
+    """numpy outputs -> torch tensors (no copy): one tensor, or a tuple like the model's
+    (the harness compares leaves in order, tests/test_bench_smoke.py checks the count)."""
+    outs = tuple(torch.from_numpy(a) for a in arrays)
+    return outs[0] if len(outs) == 1 else outs
+
+
+OPENVINO_CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_NUM_THREADS": 2}
+
+
+def _ov_type_name(t) -> str:
+    """``ov.Type`` -> "f32" (its str() is "<Type: 'float32'>")."""
+    return t.get_type_name() if hasattr(t, "get_type_name") else str(t)
+
+
+def make_openvino(model, inputs):
+    """``ov.convert_model(model, example_input=...)`` (TorchScript/FX frontend inside
+    OpenVINO) then ``Core().compile_model(m, "CPU", f32, LATENCY, 2 threads)``. ``fn``
+    converts torch -> numpy (views) and back, so that conversion is timed; outputs are
+    copied out of OpenVINO's buffers (``share_outputs=False``), as eager allocates its
+    own."""
+    import openvino as ov
+    example = tuple(inputs) if len(inputs) > 1 else inputs[0]
+    ov_model = ov.convert_model(model, example_input=example)
+    cfg = dict(OPENVINO_CPU_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
+    compiled = ov.Core().compile_model(ov_model, "CPU", cfg)
+    request = compiled.create_infer_request()
+
+    def fn(*xs):
+        res = request.infer(_numpy_inputs(xs), share_inputs=True, share_outputs=False)
+        return _torch_outputs(res.to_tuple())
+
+    info = {"openvino": ov.__version__, "ov_config": cfg,
+            "ov_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+            "ov_precision": _ov_type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))}
+    return fn, info
+
+
+def make_openvino_torch_compile(model, inputs):
+    """OpenVINO's ``torch.compile(backend="openvino")``, same CPU options. Kept as a row of
+    its own so that its status shows in the table: on torch 2.13 it fails with
+    ``sources must not be empty for symbol`` (an error row, not a hidden omission)."""
+    import openvino.torch  # noqa: F401  (registers the backend)
+    cfg = {"device": "CPU", "config": {k: str(v) for k, v in OPENVINO_CPU_CONFIG.items()}}
+    fn = torch.compile(model, backend="openvino", options=cfg)
+    return fn, _dynamo_info
+
+
+def make_onnxruntime(model, inputs):
+    """``torch.onnx.export`` (torch's default exporter: torch.export + onnxscript) to a temp
+    file, then an ``onnxruntime.InferenceSession`` on CPUExecutionProvider with
+    ORT_ENABLE_ALL, 2 intra-op threads and intra-/inter-op spinning off. The file is
+    deleted once the session holds the model."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as d:
+        path = os.path.join(d, "model.onnx")
+        torch.onnx.export(model, tuple(inputs), path)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        onnx_mb = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) / 2**20
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(inputs):
+        raise ValueError(f"the ONNX graph takes {names}, the model {len(inputs)} inputs")
+
+    def fn(*xs):
+        return _torch_outputs(sess.run(None, dict(zip(names, _numpy_inputs(xs)))))
+
+    info = {"onnxruntime": ort.__version__, "providers": sess.get_providers(),
+            "onnx_mb": round(onnx_mb, 1), "ort_threads": so.intra_op_num_threads}
+    return fn, info
+
+
 def _cnn_only(spec) -> Optional[str]:
     return None if spec.kind == "cnn" else "channels_last does not apply (no 4-D activations)"
 
@@ -188,6 +295,16 @@ CONFIGS = {c.name: c for c in [
     Config("ipex_backend", "ipex",
            'ipex.optimize(weights_prepack=False) + torch.compile(backend="ipex"), freezing on',
            make_ipex_backend),
+    Config("openvino", "main",
+           'ov.convert_model(example_input=) + Core().compile_model("CPU", f32, LATENCY, 2 threads)',
+           make_openvino, lambda spec: _peer_missing("openvino")),
+    Config("openvino_torch_compile", "main",
+           'torch.compile(backend="openvino"), CPU, f32, LATENCY, 2 threads (fails on torch 2.13)',
+           make_openvino_torch_compile, lambda spec: _peer_missing("openvino")),
+    Config("onnxruntime", "main",
+           "torch.onnx.export + onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL, 2 threads, "
+           "no spinning", make_onnxruntime, lambda spec: _peer_missing("onnxruntime", "onnx",
+                                                                        "onnxscript")),
 ]}
 DEFAULT_CONFIGS = list(CONFIGS)
 # Inductor's cold compile of even the tiny net takes 20-45 s here: not in the CI smoke

@@ -60,7 +60,8 @@ def _notes(r, idx) -> str:
     if r.get("status") is None:
         return "pending"
     if r.get("status") != "ok":
-        return f"**error** [{r.get('stage', '?')}]: " + r.get("error", "?").replace("|", "\\|")[:160]
+        err = " ".join(r.get("error", "?").split())  # one table row: no newlines
+        return f"**error** [{r.get('stage', '?')}]: " + err.replace("|", "\\|")[:160]
     info, notes = r.get("info") or {}, []
     if "freezing_ran" in info:
         notes.append(f"frozen {info['frozen_constants']}/{info['freeze_graph_inputs']} inputs"
@@ -93,13 +94,17 @@ def markdown(data: dict) -> str:
     out = [f"# fusepass bench — {meta.get('started', '')}", ""]
     m = meta.get("machine", {})
     out.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
-               f"{_fmt(m.get('mem_gb'), '.0f')} GB; threads {meta.get('settings', {}).get('threads')}; "
+               + (f"(family/model {m['cpu_family_model']}, ISA {' '.join(m['isa_flags']) or 'none listed'}), "
+                  if m.get("isa_flags") is not None else "")
+               + f"{_fmt(m.get('mem_gb'), '.0f')} GB; threads {meta.get('settings', {}).get('threads')}; "
                f"load avg at start {m.get('loadavg_start', '?')}, end {m.get('loadavg_end', '?')}.")
     envs = meta.get("envs", {})
     out.append("Environments: " + "; ".join(
         f"{k}: torch {v.get('torch')}" + (f", ipex {v['intel_extension_for_pytorch']}"
                                           if v.get("intel_extension_for_pytorch") else "")
-        + f", transformers {v.get('transformers')}" for k, v in envs.items()))
+        + f", transformers {v.get('transformers')}"
+        + "".join(f", {p} {v[p]}" for p in ("openvino", "onnxruntime") if v.get(p))
+        for k, v in envs.items()))
     s = meta.get("settings", {})
     codes = {}
     for r in results:
@@ -164,7 +169,7 @@ def markdown(data: dict) -> str:
         out += ["", "## Errors", ""]
         for r in errs:
             out.append(f"- **{r['model']} bs{r['batch']} {r['config']}** [{r.get('stage')}]: "
-                       f"`{r.get('error', '')[:1500]}` (log: `{r.get('log', '')}`)")
+                       f"`{r.get('error', '').strip()[:1500]}` (log: `{r.get('log', '')}`)")
     return "\n".join(out) + "\n"
 
 

@@ -106,3 +106,65 @@ def test_bench_smoke_inductor_freezing(tmp_path):
     frz, plain = rows["inductor_freezing"]["info"], rows["inductor"]["info"]
     assert frz["freezing_ran"] and frz["frozen_constants"] > 0 and frz["freezing_verified"]
     assert not plain["freezing_ran"] and plain["freezing_verified"]
+
+
+# The peers (bench/configs.py): OpenVINO and ONNX Runtime are in the bench extra that
+# `make test` installs, so these run (a missing peer fails here instead of skipping: the
+# harness's own "not installed" path is tested below without uninstalling anything).
+PEERS = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+
+
+@pytest.mark.parametrize("config", sorted(PEERS))
+def test_bench_smoke_peer(tmp_path, config):
+    """The peer compiles TinyNet in its own worker, its output matches eager's (the
+    harness's error check: rel err < 1e-4) and it reports its runtime's settings."""
+    data = run_smoke(tmp_path, "--configs", f"eager,{config}")
+    rows = check_well_formed(data, tmp_path, ["eager", config])
+    info = rows[config]["info"]
+    assert info[PEERS[config]], info  # the runtime's version
+    if config == "openvino":
+        assert info["ov_threads"] == 2 and "f32" in info["ov_precision"], info
+    else:
+        assert info["providers"] == ["CPUExecutionProvider"] and info["ort_threads"] == 2, info
+    assert data["meta"]["envs"]["main"][PEERS[config]]
+    machine = data["meta"]["machine"]
+    assert isinstance(machine["isa_flags"], list) and machine["cpu_family_model"]
+
+
+def test_peer_outputs_are_converted_back_like_the_model_returns_them():
+    """A model with two outputs and two inputs (one int64, as BERT's token ids) through
+    ONNX Runtime: a tuple of torch tensors in eager's order, equal to eager's."""
+    import torch
+    from bench.configs import CONFIGS
+
+    class TwoInTwoOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, ids, x):
+            h = self.emb(ids) + x
+            return self.lin(h), h.sum(-1)
+
+    torch.manual_seed(0)
+    m = TwoInTwoOut().eval()
+    inputs = (torch.randint(0, 50, (2, 5)), torch.randn(2, 5, 8))
+    with torch.no_grad():
+        want = m(*inputs)
+        for name in PEERS:
+            fn, _ = CONFIGS[name].make(m, inputs)
+            got = fn(*inputs)
+            assert isinstance(got, tuple) and len(got) == 2, (name, type(got))
+            for g, w in zip(got, want):
+                assert isinstance(g, torch.Tensor) and g.shape == w.shape and g.dtype == w.dtype
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_peer_is_a_skipped_row_with_the_install_command():
+    from bench.configs import CONFIGS, _peer_missing
+    from bench.models import MODELS
+    why = _peer_missing("surely_not_an_installed_module_xyz")
+    assert "surely_not_an_installed_module_xyz not installed: pip install" in why
+    assert "torch==2.13.0" in why
+    for name in ("openvino", "onnxruntime", "openvino_torch_compile"):  # installed here
+        assert CONFIGS[name].applies(MODELS["tiny"]) is None
