@@ -109,9 +109,7 @@ def reinit_transformer_(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for m in model.modules():
-            if callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
+        _conv_models().reset_parameters_(model)
 
     def normal(t, std):
         t.copy_(torch.randn(t.shape, generator=gen) * std)

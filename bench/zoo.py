@@ -285,6 +285,13 @@ def efficientnet_b0(num_classes: int = 1000) -> EfficientNet:
 
 
 # ----------------------------------------------------------------------- utilities
+def reset_parameters_(model: nn.Module) -> None:
+    """Every submodule's own ``reset_parameters`` (PyTorch's default init)."""
+    for m in model.modules():
+        if callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+
+
 @torch.no_grad()
 def reinit_(model: nn.Module, seed: int = 0, calib_input: Optional[Tensor] = None) -> nn.Module:
     """Deterministically re-initialise ``model`` in place so its numerics are realistic.
@@ -302,9 +309,7 @@ def reinit_(model: nn.Module, seed: int = 0, calib_input: Optional[Tensor] = Non
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for m in model.modules():
-            if callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
+        reset_parameters_(model)
 
     def rand(t: Tensor, lo: float, hi: float) -> None:
         t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)

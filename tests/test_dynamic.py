@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fusepass.backend import fusepass_backend
-from tests.util import assert_close
+from tests.util import assert_close, tiny_bert
 
 
 def compiled(model, dynamic):
@@ -64,13 +64,7 @@ def test_a_changed_batchnorm_eps_rebuilds_under_dynamic_shapes():
 
 
 def test_bert_with_dynamic_sequence_length_fuses_like_static():
-    T = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    bert = T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=64)).eval()
-    for mod in bert.modules():
-        if isinstance(mod, nn.Linear):
-            mod.reset_parameters()
+    bert = tiny_bert(2)
     with torch.no_grad():
         static, s_seen = compiled(bert, dynamic=False)
         static(torch.randint(0, 100, (1, 8)))

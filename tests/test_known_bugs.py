@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusepass
-from tests.util import assert_close, histogram, optimize
+from tests.util import assert_close, tiny_bert, histogram, optimize
 
 
 @pytest.fixture(autouse=True)
@@ -230,13 +230,7 @@ def test_integer_inputs_and_structured_outputs():
 
 
 def test_sequence_length_changes_between_calls():
-    T = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    bert = T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=64)).eval()
-    for mod in bert.modules():
-        if isinstance(mod, torch.nn.Linear):
-            mod.reset_parameters()
+    bert = tiny_bert(1)
     with torch.no_grad():
         c = torch.compile(bert, backend="fusepass")
         for bs, seq in [(1, 8), (2, 13), (1, 8), (3, 5)]:

@@ -78,3 +78,16 @@ class _Wrap(torch.nn.Module):
 
     def forward(self, *args):
         return self.fn(*args)
+
+
+def tiny_bert(layers: int = 1):
+    """A small BertModel from a config (no download), its Linears re-initialized (HF's
+    std-0.02 init shrinks every activation), in eval mode."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert = T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers,
+                                    num_attention_heads=2, intermediate_size=64)).eval()
+    for mod in bert.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.reset_parameters()
+    return bert
