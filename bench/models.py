@@ -21,13 +21,9 @@ from typing import Callable, Tuple
 import torch
 from torch import nn
 
+from bench import zoo  # plain torch: imports in the IPEX env (torch 2.8) too
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-def _conv_models():
-    """``bench.zoo``: plain torch, so it imports in the IPEX env (torch 2.8) too."""
-    from bench import zoo
-    return zoo
 
 
 @dataclass(frozen=True)
@@ -42,10 +38,10 @@ class ModelSpec:
 # ------------------------------------------------------------------------ conv nets
 def _cnn(name: str, description: str) -> ModelSpec:
     def build(seed: int = 0, attn: str = "sdpa") -> nn.Module:
-        return _conv_models().build(name, seed)
+        return zoo.build(name, seed)
 
     def inputs(batch: int, seed: int = 0):
-        return (_conv_models().example_input(name, batch, 224, seed=seed + 100),)
+        return (zoo.example_input(name, batch, 224, seed=seed + 100),)
 
     return ModelSpec(name, "cnn", description, build, inputs)
 
@@ -77,7 +73,7 @@ def _build_tiny(seed: int = 0, attn: str = "sdpa") -> nn.Module:
         torch.manual_seed(seed)
         model = TinyNet()
     calib = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
-    return _conv_models().reinit_(model, seed, calib).eval()
+    return zoo.reinit_(model, seed, calib).eval()
 
 
 def _tiny_inputs(batch: int, seed: int = 0):
@@ -109,7 +105,7 @@ def reinit_transformer_(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _conv_models().reset_parameters_(model)
+        zoo.reset_parameters_(model)
 
     def normal(t, std):
         t.copy_(torch.randn(t.shape, generator=gen) * std)

@@ -13,6 +13,7 @@ import numbers
 
 import torch
 import torch.fx as fx
+from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
 
@@ -156,7 +157,6 @@ def bn_layout(m):
     They differ only where the conv's are ambiguous (C == 1: contiguous and channels-last
     at once, and the CPU BatchNorm returns contiguous); a later conv reads even a size-1
     dim's stride to choose its layout, so folding would change the layout downstream."""
-    from torch._prims_common import suggest_memory_format
     y, out = m.fused.meta.get("val"), m.anchor.meta.get("val")
     if y is None or out is None or y.shape != out.shape or y.dim() not in (4, 5):
         return None
