@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,bench]' $(TORCH)
+	$(BIN)/pip install -q -e '.[test,bench,int8]' $(TORCH)
 	touch $(STAMP)
 
 setup: $(STAMP)
