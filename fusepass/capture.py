@@ -30,7 +30,7 @@ from fusepass import ops as fp
 from fusepass._compat import batch_norm_as_native, treespec_children
 
 aten = torch.ops.aten
-_LINEAR = {F.linear, torch._C._nn.linear}
+_LINEAR = {F.linear, torch._C._nn.linear, aten.linear.default}  # the last: PT2E graphs
 _GRAD_ON = {torch._C._set_grad_enabled}
 
 

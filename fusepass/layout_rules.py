@@ -49,6 +49,7 @@ _FIRST = LayoutRule((0,))
 RULES: dict = {
     # conv2d: input and the fused binary operand (`other`) are activations
     fp.conv: LayoutRule((0, 9), lambda a: a[1].meta["val"].dim() == 4),
+    fp.qconv: LayoutRule((0, 9), lambda a: a[1].meta["val"].dim() == 4),  # int8: same roles
     # batch norm (inference) and pooling: per-channel or per-plane, any layout
     aten.native_batch_norm.default: LayoutRule((0,), _arg(5, lambda training: not training)),
     aten._native_batch_norm_legit_no_training.default: _FIRST,
@@ -85,6 +86,9 @@ for _op in ["mish", "neg", "abs", "exp", "sqrt", "rsqrt", "reciprocal", "erf", "
             "maximum", "minimum"]:
     RULES[getattr(aten, _op).default] = _ALL
 RULES.update({aten.clamp.default: _ALL, aten.pow.Tensor_Scalar: _ALL, aten.where.self: _ALL})
+# PT2E's per-tensor quantize/dequantize: elementwise, the scale and zero point are numbers
+_qd = fp.quantized_decomposed()
+RULES.update({_qd.quantize_per_tensor.default: _FIRST, _qd.dequantize_per_tensor.default: _FIRST})
 
 
 def rule_for(node) -> Optional[LayoutRule]:

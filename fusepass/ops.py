@@ -73,11 +73,101 @@ torch.library.register_fake("fusepass::linear", linear_reference, lib=_lib)
 
 conv = torch.ops.fusepass.conv.default
 linear = torch.ops.fusepass.linear.default
-FUSED_OPS = (conv, linear)
-REFERENCE = {conv: conv_reference, linear: linear_reference}
+
+# INT8: the quantized forms of the two fused ops (``patterns/quantized.py`` makes them of
+# dequantize -> conv/linear -> [quantize]). ``x`` and ``weight`` are the quantized tensors
+# (u8 activations, s8 weights with per-output-channel scales), the conv/linear arguments
+# and the post-op chain sit where they sit in the float op, and the quantization
+# parameters follow: the output is quantized with (out_scale, out_zp) to ``out_dtype``,
+# or float32 when it is None; a quantized ``other`` (the residual of an int8-output
+# conv) carries (other_scale, other_zp), a float one 1.0 and 0.
+_lib.define(
+    "qconv(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
+    "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
+    "Tensor? other, str[] post, float[] scalars, float x_scale, int x_zp, Tensor w_scale, "
+    "Tensor w_zp, float out_scale, int out_zp, ScalarType? out_dtype, float other_scale, "
+    "int other_zp) -> Tensor"
+)
+_lib.define(
+    "qlinear(Tensor x, Tensor weight, Tensor? bias, Tensor? other, str[] post, "
+    "float[] scalars, float x_scale, int x_zp, Tensor w_scale, Tensor w_zp, float out_scale, "
+    "int out_zp, ScalarType? out_dtype, float other_scale, int other_zp) -> Tensor"
+)
+_qd = None
+
+
+def quantized_decomposed():
+    """``torch.ops.quantized_decomposed``, its definitions loaded (torch registers them in
+    ``torch.ao.quantization.fx._decomposed``, which PT2E imports)."""
+    global _qd
+    if _qd is None:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+        _qd = torch.ops.quantized_decomposed
+    return _qd
+
+
+QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def _dq_x(x, scale, zp):
+    lo, hi = QRANGE[x.dtype]
+    return quantized_decomposed().dequantize_per_tensor.default(x, scale, zp, lo, hi, x.dtype)
+
+
+def _dq_w(w, scale, zp):
+    return quantized_decomposed().dequantize_per_channel.default(w, scale, zp, 0, -128, 127,
+                                                                 torch.int8)
+
+
+def _requant(y, other, post, scalars, out_scale, out_zp, out_dtype, other_scale, other_zp):
+    if other is not None and other.dtype in QRANGE:
+        other = _dq_x(other, other_scale, other_zp)
+    y = apply_chain(y, other, post, scalars)
+    if out_dtype is None:
+        return y
+    lo, hi = QRANGE[out_dtype]
+    return quantized_decomposed().quantize_per_tensor.default(y, out_scale, out_zp, lo, hi, out_dtype)
+
+
+def qconv_reference(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
+                    other, post, scalars, x_scale, x_zp, w_scale, w_zp, out_scale, out_zp,
+                    out_dtype, other_scale, other_zp):
+    """The q/dq decomposition: what PT2E's converted graph computes."""
+    y = aten.convolution.default(_dq_x(x, x_scale, x_zp), _dq_w(weight, w_scale, w_zp), bias,
+                                 stride, padding, dilation, transposed, output_padding, groups)
+    return _requant(y, other, post, scalars, out_scale, out_zp, out_dtype, other_scale, other_zp)
+
+
+def qlinear_reference(x, weight, bias, other, post, scalars, x_scale, x_zp, w_scale, w_zp,
+                      out_scale, out_zp, out_dtype, other_scale, other_zp):
+    y = aten.linear.default(_dq_x(x, x_scale, x_zp), _dq_w(weight, w_scale, w_zp), bias)
+    return _requant(y, other, post, scalars, out_scale, out_zp, out_dtype, other_scale, other_zp)
+
+
+_lib.impl("qconv", qconv_reference, "CompositeExplicitAutograd")
+_lib.impl("qlinear", qlinear_reference, "CompositeExplicitAutograd")
+torch.library.register_fake("fusepass::qconv", qconv_reference, lib=_lib)
+torch.library.register_fake("fusepass::qlinear", qlinear_reference, lib=_lib)
+qconv = torch.ops.fusepass.qconv.default
+qlinear = torch.ops.fusepass.qlinear.default
+
+FUSED_OPS = (conv, linear, qconv, qlinear)
+CONV_OPS = (conv, qconv)
+QUANTIZED_OPS = (qconv, qlinear)
+REFERENCE = {conv: conv_reference, linear: linear_reference, qconv: qconv_reference,
+             qlinear: qlinear_reference}
 
 # Positions of the chain arguments, shared by passes that read or extend a chain.
-CHAIN_ARGS = {conv: (9, 10, 11), linear: (3, 4, 5)}  # other, post, scalars
+CHAIN_ARGS = {conv: (9, 10, 11), linear: (3, 4, 5), qconv: (9, 10, 11), qlinear: (3, 4, 5)}
+# Positions of the quantization parameters of the int8 ops, by name.
+QPARAMS = {op: dict(zip(("x_scale", "x_zp", "w_scale", "w_zp", "out_scale", "out_zp",
+                         "out_dtype", "other_scale", "other_zp"), range(start, start + 9)))
+           for op, start in ((qconv, 12), (qlinear, 6))}
+
+
+def family_of(target) -> str:
+    """The registry's family name of a fused op: conv, linear, qconv, qlinear."""
+    return {conv: "conv", linear: "linear", qconv: "qconv", qlinear: "qlinear"}[target]
 
 
 def chain_of(node) -> tuple:

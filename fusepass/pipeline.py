@@ -25,6 +25,7 @@ from fusepass.lowering import lower
 from fusepass.passes.fold_batchnorm import fold_batchnorm
 from fusepass.passes.fold_binary_constants import fold_binary_constants
 from fusepass.passes.fuse import fuse
+from fusepass.passes.fuse_int8 import fuse_int8
 from fusepass.passes.inplace_pointwise import inplace_pointwise
 from fusepass.passes.prepack_weights import prepack_weights
 from fusepass.passes.propagate_layout import propagate_layout
@@ -42,6 +43,7 @@ STAGES = [
     ("fold_batchnorm", fold_batchnorm),
     ("fold_binary_constants", fold_binary_constants),
     ("fuse", fuse),
+    ("fuse_int8", fuse_int8),
     ("propagate_layout", propagate_layout),
     ("lower", lower_pass),
     ("prepack_weights", prepack_weights),

@@ -26,6 +26,11 @@ aten = torch.ops.aten
 BOTH = frozenset({"conv", "linear"})
 CONV = frozenset({"conv"})
 NONE = frozenset()
+# the int8 ops' families (fusepass::qconv / qlinear), measured on torch 2.13: oneDNN's
+# qconv_pointwise takes relu, hardtanh, hardswish, swish and the sum (add) post-op with
+# relu after it; qlinear_pointwise also gelu, tanh and leaky_relu, not sigmoid
+QCONV, QLINEAR = frozenset({"qconv"}), frozenset({"qlinear"})
+QBOTH = QCONV | QLINEAR
 
 
 @dataclass(frozen=True)
@@ -104,36 +109,37 @@ REGISTRY: dict[str, PostOp] = {p.name: p for p in [
            [_s("relu", lambda y: aten.relu.default(y), "relu(y)")],
            # after the binary post-op: oneDNN's conv binary kernels take relu (not its
            # linear ones); IPEX has *_add_relu_run for both
-           onednn=Kernel("relu", after_binary=CONV), ipex=Kernel("relu", after_binary=BOTH)),
+           onednn=Kernel("relu", families=BOTH | QBOTH, after_binary=CONV | QBOTH),
+           ipex=Kernel("relu", after_binary=BOTH)),
     _unary("silu", aten.silu.default, aten.silu_.default,
            [_s("silu", lambda y: aten.silu.default(y), "silu(y)"),
             _s("silu_mul", lambda y: aten.mul.Tensor(y, aten.sigmoid.default(y)),
                "y*sigmoid(y), either order")],
-           onednn=Kernel("swish"), ipex=Kernel("swish", before_binary=CONV)),
+           onednn=Kernel("swish", families=BOTH | QBOTH), ipex=Kernel("swish", before_binary=CONV)),
     _unary("sigmoid", aten.sigmoid.default, aten.sigmoid_.default,
            [_s("sigmoid", lambda y: aten.sigmoid.default(y), "sigmoid(y)")],
            onednn=Kernel("sigmoid"), ipex=Kernel("sigmoid")),
     _unary("tanh", aten.tanh.default, aten.tanh_.default,
            [_s("tanh", lambda y: aten.tanh.default(y), "tanh(y)")],
-           onednn=Kernel("tanh"), ipex=Kernel("tanh")),
+           onednn=Kernel("tanh", families=BOTH | QLINEAR), ipex=Kernel("tanh")),
     _unary("gelu", aten.gelu.default, aten.gelu_.default,
            [_s("gelu", lambda y: aten.gelu.default(y), "gelu(y), erf")],
-           onednn=Kernel("gelu", "none"), ipex=Kernel("gelu", scalars=lambda s: ["none"])),
+           onednn=Kernel("gelu", "none", families=BOTH | QLINEAR), ipex=Kernel("gelu", scalars=lambda s: ["none"])),
     _unary("gelu_tanh", aten.gelu.default, aten.gelu_.default,
            [_s("gelu_tanh", lambda y: aten.gelu.default(y, approximate="tanh"),
                "gelu(y, approximate='tanh')")],
-           onednn=Kernel("gelu", "tanh"), ipex=Kernel("gelu", scalars=lambda s: ["tanh"]),
+           onednn=Kernel("gelu", "tanh", families=BOTH | QLINEAR), ipex=Kernel("gelu", scalars=lambda s: ["tanh"]),
            reference=lambda y, other: aten.gelu.default(y, approximate="tanh")),
     _unary("hardtanh", aten.hardtanh.default, aten.hardtanh_.default,
            [_s("hardtanh", lambda y, e0, e1: aten.hardtanh.default(y, e0, e1),
                "hardtanh/relu6(y)", 2, lambda e0, e1: [e0, e1]),
             _s("clamp", lambda y, e0, e1: aten.clamp.default(y, e0, e1), "clamp(y, min, max)",
                2, lambda e0, e1: [e0, e1])],
-           onednn=Kernel("hardtanh"), ipex=Kernel("hardtanh"), arity=2, check=_bounds),
+           onednn=Kernel("hardtanh", families=BOTH | QBOTH), ipex=Kernel("hardtanh"), arity=2, check=_bounds),
     _unary("leaky_relu", aten.leaky_relu.default, aten.leaky_relu_.default,
            [_s("leaky_relu", lambda y, e0: aten.leaky_relu.default(y, e0), "leaky_relu(y)", 1,
                lambda e0: [e0])],
-           onednn=Kernel("leaky_relu"), ipex=Kernel("leaky_relu"), arity=1, check=_finite),
+           onednn=Kernel("leaky_relu", families=BOTH | QLINEAR), ipex=Kernel("leaky_relu"), arity=1, check=_finite),
     # oneDNN's fusion_unary_attr_map has no elu ("Fusion behavior undefined", torch 2.13)
     _unary("elu", aten.elu.default, aten.elu_.default,
            [_s("elu", lambda y, e0, e1, e2: aten.elu.default(y, e0, e1, e2), "elu(y)", 3,
@@ -141,7 +147,7 @@ REGISTRY: dict[str, PostOp] = {p.name: p for p in [
            ipex=Kernel("elu", scalars=_ipex_elu), arity=3, check=_finite),
     _unary("hardswish", aten.hardswish.default, aten.hardswish_.default,
            [_s("hardswish", lambda y: aten.hardswish.default(y), "hardswish(y)")],
-           onednn=Kernel("hardswish"), ipex=Kernel("hardswish")),
+           onednn=Kernel("hardswish", families=BOTH | QBOTH), ipex=Kernel("hardswish")),
     _unary("hardsigmoid", aten.hardsigmoid.default, aten.hardsigmoid_.default,
            [_s("hardsigmoid", lambda y: aten.hardsigmoid.default(y), "hardsigmoid(y)")],
            onednn=Kernel("hardsigmoid"), ipex=Kernel("hardsigmoid")),
@@ -149,7 +155,8 @@ REGISTRY: dict[str, PostOp] = {p.name: p for p in [
     # post(y + alpha * other): sub is alpha = -1 (Kernel.scalars gives alpha)
     PostOp("add", 0, True, lambda y, o: aten.add.Tensor(y, o), aten.add.Tensor,
            aten.add_.Tensor, (0, 1),
-           kernels={"onednn": Kernel("add"), "ipex": Kernel("add", scalars=lambda s: [1.0])}),
+           kernels={"onednn": Kernel("add", families=BOTH | QBOTH),
+                    "ipex": Kernel("add", scalars=lambda s: [1.0])}),
     PostOp("sub", 0, True, lambda y, o: aten.sub.Tensor(y, o), aten.sub.Tensor,
            aten.sub_.Tensor, kernels={"onednn": Kernel("sub"),
                                        "ipex": Kernel("add", scalars=lambda s: [-1.0])}),

@@ -27,7 +27,7 @@ def asker(targets):
     fused op a row would make of ``match``."""
     def lowerable(m, post, scalars, other):
         op = next(n.target for n in m.nodes if n.target in fp.FUSED_OPS)
-        conv = op is fp.conv
+        conv = op in fp.CONV_OPS
         form = Form(op, m.val("x"), m.val("weight"), _val(m["bias"]), _val(other), tuple(post),
                     tuple(scalars), m.anchor.meta.get("val"),
                     bool(m["transposed"]) if conv else False, m["groups"] if conv else 1)
@@ -36,8 +36,9 @@ def asker(targets):
 
 
 def fuse(gm, *, options, report) -> PassResult:
-    # "fold.*" rows belong to the fold passes, which run before this one.
-    rules = [r for r in TABLE if options.enabled(r.name) and not r.name.startswith("fold.")]
+    # "fold.*" rows belong to the fold passes, which run before this one; "int8.*" rows
+    # to fuse_int8, which runs after it.
+    rules = [r for r in TABLE if options.enabled(r.name) and not r.name.startswith(("fold.", "int8."))]
     targets = lowering.targets_of(options.lowering, available=True)
     changed = apply_rules(gm, rules, report, stage="fuse", max_rounds=options.fuse_rounds,
                           lowerable=asker(targets))

@@ -67,7 +67,7 @@ def _components(nodes) -> list[set]:
     g = nx.Graph()
     g.add_nodes_from(nodes)
     g.add_edges_from((a, n) for n in nodes for a in n.all_input_nodes if a in nodes)
-    return [c for c in nx.connected_components(g) if any(n.target is fp.conv for n in c)]
+    return [c for c in nx.connected_components(g) if any(n.target in fp.CONV_OPS for n in c)]
 
 
 def _plan(members) -> tuple[dict, dict]:
@@ -98,7 +98,7 @@ def _prune(region: set) -> set:
     while changed:
         changed = False
         for n in sorted(region, key=lambda n: n.name):
-            if n.target is fp.conv or n.target is GETITEM or not isinstance(n.meta["val"], torch.Tensor):
+            if n.target in fp.CONV_OPS or n.target is GETITEM or not isinstance(n.meta["val"], torch.Tensor):
                 continue
             if all(a in region for a in L.activation_inputs(n)) and all(u in region for u in n.users):
                 continue  # interior
@@ -109,7 +109,7 @@ def _prune(region: set) -> set:
 
 def _decide(region, report) -> bool:
     entries, exits = _plan(region)
-    convs = [n for n in region if n.target is fp.conv]
+    convs = [n for n in region if n.target in fp.CONV_OPS]
     flops = sum(L.conv_flops(c) for c in convs)
     saved = sum(L.nbytes(c.args[0].meta["val"]) + L.nbytes(c.meta["val"])
                 for c in convs if not L.is_nhwc(c.args[0].meta["val"]))

@@ -18,7 +18,7 @@ import importlib.util
 
 from fusepass import ops as fp
 from fusepass.check import record_fused
-from fusepass.lowering import ipex, onednn, reference  # noqa: F401  (register their rows)
+from fusepass.lowering import ipex, onednn, onednn_int8, reference  # noqa: F401  (register their rows)
 from fusepass.lowering.table import Form, entry
 
 def ipex_available() -> bool:
@@ -69,7 +69,7 @@ def lower(gm, options, report):
         if node.op != "call_function" or node.target not in fp.FUSED_OPS:
             continue
         if targets == ["reference"]:
-            name, text = node.name, _chain_text(node.args)
+            name, text = node.name, _chain_text(node)
             out = reference.expand(gm, node)
             report.record("lower", "aten." + out.target.__name__.split(".")[0], name, "lowered", text)
             continue
@@ -84,7 +84,7 @@ def lower(gm, options, report):
 
 
 def _lower_one(gm, node, targets, options, report):
-    name, text = node.name, _chain_text(node.args)
+    name, text = node.name, _chain_text(node)
     fused = record_fused(gm, node) if options.check else None
     form = Form.of_node(node)
     declined = []
@@ -151,6 +151,6 @@ def _split(gm, node, targets):
     return None, post[cut:]
 
 
-def _chain_text(args):
-    post = args[10] if len(args) == 12 else args[4]
-    return "+".join(post) or "no post-op"
+def _chain_text(node):
+    text = "+".join(fp.chain_of(node)[1]) or "no post-op"
+    return f"int8 {text}" if node.target in fp.QUANTIZED_OPS else text

@@ -30,7 +30,7 @@ from fusepass.postops import REGISTRY
 class Form:
     """What a kernel choice depends on, as fake values: a fused node, or the one a
     pattern row would make."""
-    op: Any  # fp.conv / fp.linear
+    op: Any  # fp.conv / fp.linear / fp.qconv / fp.qlinear
     x: Any
     weight: Any
     bias: Any
@@ -43,7 +43,7 @@ class Form:
 
     @property
     def family(self) -> str:
-        return "conv" if self.op is fp.conv else "linear"
+        return fp.family_of(self.op)
 
     @property
     def dtype(self):
@@ -54,7 +54,7 @@ class Form:
         v = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a  # noqa: E731
         other, post, scalars = fp.chain_of(node)
         x, w, b = (v(a) for a in node.args[:3])
-        conv = node.target is fp.conv
+        conv = node.target in fp.CONV_OPS
         return cls(node.target, x, w, b, v(other), tuple(post), tuple(scalars),
                    node.meta.get("val"), bool(node.args[6]) if conv else False,
                    node.args[8] if conv else 1)

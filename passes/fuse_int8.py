@@ -1,0 +1,104 @@
+"""Fuse the quantization ops of a PT2E-quantized graph into int8 conv/linear ops.
+
+Runs after ``fuse`` (the float rows have fused each conv/linear with its post-ops, the
+dequantized tensors standing in for floats) and before ``propagate_layout``. In order:
+
+  1. quantize ops of constants (``convert_pt2e(fold_quantize=False)`` keeps the float
+     weight and quantizes it in the graph) are evaluated once into int8 constants;
+  2. a ``dequantize_per_tensor`` with several users is duplicated per user, as
+     Inductor's "dequant promotion" does: each consumer can then take the int8 tensor;
+  3. the ``int8.*`` rows of the pattern table (``patterns/quantized.py``), asking the
+     chosen target's lowering table before each rewrite (``lowerable``), as ``fuse`` does;
+  4. a conv/linear the rows declined keeps running in float on the dequantized input:
+     its weight's dequantize is evaluated once here into a float constant, so nothing
+     dequantizes a weight per call (the decline and its reason are in the report).
+
+A graph without quantized_decomposed ops is left untouched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fusepass import lowering
+from fusepass import ops as fp
+from fusepass.ir import add_constant, delete_unused_attrs, erase_dead
+from fusepass.lowering.table import Form
+from fusepass.patterns import TABLE
+from fusepass.rewrite import apply_rules
+
+
+def _qd_ops():
+    qd = fp.quantized_decomposed()
+    quant = {qd.quantize_per_tensor.default, qd.quantize_per_channel.default}
+    dequant = {qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default}
+    return qd, quant, dequant
+
+
+def _val(a):
+    return a.meta.get("val") if isinstance(a, fx.Node) else None
+
+
+def asker(targets):
+    """The lowering table's answer for the int8 op a row would make of ``m``."""
+    def lowerable(m, post, scalars, other):
+        b = m.bindings
+        qop = fp.qconv if any(n.target in fp.CONV_OPS for n in m.nodes) else fp.qlinear
+        x, w = b.get("xq", b.get("x")), b.get("wq", b.get("weight"))
+        conv = qop is fp.qconv
+        form = Form(qop, _val(x), _val(w), _val(b.get("bias")), _val(other), tuple(post),
+                    tuple(scalars), m.anchor.meta.get("val"),
+                    bool(b["transposed"]) if conv else False, b["groups"] if conv else 1)
+        return lowering.why_not(targets, form)
+    return lowerable
+
+
+def _constant_inputs(gm, n) -> bool:
+    return bool(n.all_input_nodes) and all(a.op == "get_attr" for a in n.all_input_nodes)
+
+
+def _evaluate(gm, n, hint, report, why):
+    """Replace ``n`` (an op of constants) by its value, computed now."""
+    args = fx.node.map_arg(n.args, lambda a: getattr(gm, a.target))
+    kwargs = fx.node.map_arg(n.kwargs, lambda a: getattr(gm, a.target))
+    with torch.no_grad():
+        value = n.target(*args, **kwargs)
+    names = sorted({a.meta.get("fusepass_source") or a.target for a in n.all_input_nodes})
+    c = add_constant(gm, value.detach(), hint, before=n, source=f"{hint}({', '.join(names)})")
+    n.replace_all_uses_with(c)
+    report.record("fuse_int8", f"int8.{hint}", n.name, "rewritten", why)
+    erase_dead(gm, [n])
+
+
+def fuse_int8(gm, *, options, report) -> PassResult:
+    qd, quant, dequant = _qd_ops()
+    if not any(n.op == "call_function" and n.target in quant | dequant for n in gm.graph.nodes):
+        return PassResult(gm, False)
+    changed = False
+    for n in list(gm.graph.nodes):  # 1. quantized weights, once
+        if n.op == "call_function" and n.target in quant and _constant_inputs(gm, n):
+            _evaluate(gm, n, "quantized_weight", report, "a constant quantized at compile time")
+            changed = True
+    for n in list(gm.graph.nodes):  # 2. dequant promotion
+        if n.op == "call_function" and n.target is qd.dequantize_per_tensor.default and len(n.users) > 1:
+            for u in list(n.users)[1:]:
+                with gm.graph.inserting_before(u):
+                    c = gm.graph.call_function(n.target, n.args, dict(n.kwargs))
+                c.meta.update(n.meta)
+                u.replace_input_with(n, c)
+            changed = True
+    rules = [r for r in TABLE.select("int8.") if options.enabled(r.name)]
+    targets = lowering.targets_of(options.lowering, available=True)
+    changed |= apply_rules(gm, rules, report, stage="fuse_int8", max_rounds=options.fuse_rounds,
+                           lowerable=asker(targets))
+    for n in list(gm.graph.nodes):  # 4. what stays float dequantizes its weight once
+        if n.op == "call_function" and n.target in dequant and _constant_inputs(gm, n):
+            _evaluate(gm, n, "dequantized_weight", report,
+                      "a weight left in float (its int8 row declined) dequantized at compile time")
+            changed = True
+    if changed:
+        delete_unused_attrs(gm)
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, changed)
