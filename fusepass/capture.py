@@ -15,6 +15,7 @@ args are the weights, so the backend and ``optimize`` share everything after tha
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -176,8 +177,29 @@ class _Canonical(TorchFunctionMode):
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if w.dim() == 2 and x.dim() >= 1:
-                return fp.linear(x, w, b, None, [], [])
+                return fp.linear(*_autocast_cast(x, w, b), None, [], [])
         return func(*args, **kwargs)
+
+
+def _autocast_cast(*tensors):
+    """What CPU autocast does to ``F.linear``'s operands (it is in autocast's
+    lower-precision list): floating tensors but float64 cast to the autocast dtype.
+    ``fusepass::linear`` has no autocast kernel, so without this a linear inside an
+    autocast region would mix a bf16 input with an fp32 weight."""
+    if not torch.is_autocast_enabled("cpu"):
+        return tensors
+    dt = torch.get_autocast_dtype("cpu")
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype is not torch.float64 and t.device.type == "cpu" else t
+                 for t in tensors)
+
+
+def _edge_dtypes(lifted, fake, freeze):
+    """The dtypes of the outputs without autocast: a fake run of the function, so a
+    ``precision`` autocast keeps the dtypes the graph's edges have in eager."""
+    with _Canonical(), (torch.no_grad() if freeze else torch.enable_grad()):
+        out = lifted.fn(*fake)
+    return [getattr(o, "dtype", None) for o in pytree.tree_leaves(out)]
 
 
 @dataclass
@@ -213,13 +235,20 @@ def written(gm: fx.GraphModule) -> dict:
     return out
 
 
-def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
+def capture(lifted: Lifted, args: list, freeze: bool, autocast=None) -> Captured:
+    """``autocast``: a dtype to trace the function under ``torch.autocast("cpu", dtype)``
+    (``Options.precision``, decided by ``fusepass/precision.py``), outputs cast back to
+    the dtypes they have without it."""
     spec = {}
 
     def flat(*a):
-        with _Canonical():
+        with _Canonical(), (torch.autocast("cpu", autocast) if autocast is not None
+                            else contextlib.nullcontext()):
             out = lifted.fn(*a)
         leaves, spec["out"] = pytree.tree_flatten(out)
+        if autocast is not None:
+            leaves = [o.to(d) if isinstance(o, torch.Tensor) and d is not None and o.dtype != d
+                      else o for o, d in zip(leaves, spec["edges"])]
         return leaves
 
     # Our own static fake mode, outside dynamo's tracing context: capture must not add
@@ -233,6 +262,9 @@ def capture(lifted: Lifted, args: list, freeze: bool) -> Captured:
             # eps and momentum, dropout's p) over as 0-d tensors and .item()s them; the
             # runtime keys the variant by the values of those it finds read (``scalars``)
             f.item_memo = a.item()
+    if autocast is not None:
+        with torch._guards.tracing(None), mode:
+            spec["edges"] = _edge_dtypes(lifted, fake, freeze)
     with torch._guards.tracing(None), mode, (torch.no_grad() if freeze else torch.enable_grad()):
         gm = make_fx(torch.func.functionalize(flat, remove="mutations"), tracing_mode="real")(*fake)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

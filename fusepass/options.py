@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 LOWERINGS = ("onednn", "reference", "ipex", "auto")
+PRECISIONS = ("fp32", "bf16")
 
 
 class OptionError(ValueError):
@@ -33,6 +34,10 @@ class Options:
     # expose another: BN after a folded constant, chains of user-written constant ops).
     fuse_rounds: int = 8
     fold_rounds: int = 64
+    # Compute precision of conv/linear regions: "fp32" (never lowered silently) or "bf16"
+    # (autocast's bf16 policy, fp32 at the graph's edges) where the target has native
+    # bf16 kernels; decided per CPU before capture (fusepass/precision.py), reported.
+    precision: str = "fp32"
 
     @classmethod
     def from_kwargs(cls, options=None, **kwargs) -> "Options":
@@ -59,6 +64,8 @@ class Options:
                 raise OptionError(f"{name}={v!r}; valid: a positive int")
         if self.lowering not in LOWERINGS:
             raise OptionError(f"lowering={self.lowering!r}; valid: {list(LOWERINGS)}")
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"precision={self.precision!r}; valid: {list(PRECISIONS)}")
         names = known_names()
         for pat in self.disable:
             if not any(fnmatch.fnmatchcase(n, pat) for n in names):

@@ -24,6 +24,7 @@ from fusepass.ir import as_cpu_kernel_writes, pin_constants
 from fusepass.lowering import lower
 from fusepass.passes.fold_batchnorm import fold_batchnorm
 from fusepass.passes.fold_binary_constants import fold_binary_constants
+from fusepass.passes.fold_weight_casts import fold_weight_casts
 from fusepass.passes.fuse import fuse
 from fusepass.passes.fuse_int8 import fuse_int8
 from fusepass.passes.inplace_pointwise import inplace_pointwise
@@ -42,6 +43,7 @@ def lower_pass(gm, *, options, report) -> PassResult:
 STAGES = [
     ("fold_batchnorm", fold_batchnorm),
     ("fold_binary_constants", fold_binary_constants),
+    ("fold_weight_casts", fold_weight_casts),
     ("fuse", fuse),
     ("fuse_int8", fuse_int8),
     ("propagate_layout", propagate_layout),

@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from fusepass import precision
 from fusepass.check import check_variant
 from fusepass.capture import Lifted, capture, inference_reason, lift_leaves
 from fusepass.options import Options
@@ -225,7 +226,8 @@ class Compiled:
         modes = self.modes() if self.modes else None
         values = tuple(full[i].item() if i < len(full) and isinstance(full[i], torch.Tensor)
                        else None for i in self.scalars)
-        return spec, torch.is_grad_enabled(), modes, signature(full, self.lifted.weights), values
+        return (spec, torch.is_grad_enabled(), modes, signature(full, self.lifted.weights), values,
+                precision.autocast_state())
 
     def unoptimized(self, lifted, report, reason, action="info") -> Variant:
         report.record("capture", "-", "-", action, reason)
@@ -244,8 +246,9 @@ class Compiled:
                           f"{len(self.lifted.attrs)} weight(s) are graph attributes (Dynamo "
                           "does that under Inductor's freezing flag or prepare_freezing): "
                           "watched by reference, buffers by value")
+        amp = precision.decide(self.options, report)  # before capture: it traces under it
         try:
-            cap = capture(lifted, full, freeze=True)
+            cap = capture(lifted, full, freeze=True, autocast=amp)
             if cap.scalars:
                 self.scalars = sorted(set(self.scalars) | set(cap.scalars))
                 report.record("capture", "-", "-", "info",
@@ -254,7 +257,7 @@ class Compiled:
                               "momentum) specialized by value: another value rebuilds")
             watch = self._watch(full, lifted, cap, report)
             gm = run_pipeline(cap.gm, self.options, report,
-                              recapture=lambda: capture(lifted, full, freeze=True).gm)
+                              recapture=lambda: capture(lifted, full, True, amp).gm)
         except Exception as e:
             return self.unoptimized(lifted, report, f"{type(e).__name__}: {e}; running unoptimized",
                                     "fallback")

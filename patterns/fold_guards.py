@@ -35,6 +35,27 @@ def is_constant_expr(gm, node, depth=0) -> bool:
     return all(is_constant_expr(gm, a, depth + 1) for a in node.all_input_nodes)
 
 
+def cast_of(node) -> tuple | None:
+    """(source node, dtype) when ``node`` only changes the dtype of its input (the
+    spellings capture leaves: ``_to_copy(t, dtype=)``, ``convert_element_type``)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    if node.target is torch.ops.aten._to_copy.default:
+        extra = {k: v for k, v in node.kwargs.items() if k != "dtype"}
+        src = node.args[0]
+        v = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if len(node.args) > 1 or "dtype" not in node.kwargs or v is None:
+            return None
+        same = {"layout": v.layout, "device": v.device, "pin_memory": False,
+                "non_blocking": False, "memory_format": torch.preserve_format}
+        if any(k not in same or extra[k] not in (same[k], None) for k in extra):
+            return None
+        return src, node.kwargs["dtype"]
+    if node.target is torch.ops.prims.convert_element_type.default and len(node.args) == 2:
+        return node.args[0], node.args[1]
+    return None
+
+
 def constant_value(gm, node, memo=None):
     """Evaluate a constant expression on the real tensors (never in-place, never cached
     on the graph). ``memo`` may be shared by calls evaluating one graph."""

@@ -12,7 +12,8 @@ Every fold is an affine map of the output channels, ``y' = a*y + d``, absorbed a
 
 A replacement spells the new weight and bias as ATen ops over the constants, in
 float64 and cast back once (``_to_copy(W * a, dtype=W.dtype)``), so bf16/fp16 weights are
-not folded in their own precision (pytorch#145623). Those expressions have constant
+not folded in their own precision (pytorch#145623); a weight autocast cast down
+(``_to_copy(W_fp32, dtype=bf16)``) is folded from the fp32 ``W`` behind the cast. Those expressions have constant
 inputs only; the rewrite engine evaluates them into new constants as it replaces
 (``fusepass.rewrite.evaluate_constants``), so a user's parameter is never written. Replacements may read the (static) ``meta["val"]``
 of bound nodes for shapes and dtypes.
@@ -50,6 +51,19 @@ def _f64(t):
     return aten._to_copy.default(t, dtype=F64)
 
 
+def _f64_source(p):
+    """``p`` in float64, from the wider constant behind a down-cast when there is one:
+    under autocast a weight reaches its conv as ``_to_copy(W_fp32, dtype=bf16)``, and a
+    fold computed from the fp32 ``W`` is rounded to bf16 once, not twice."""
+    if isinstance(p, fx.Proxy) and (cast := F.cast_of(p.node)) is not None:
+        src = cast[0]
+        v = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if (src.op == "get_attr" and v is not None and v.is_floating_point()
+                and torch.finfo(v.dtype).bits > torch.finfo(_val(p).dtype).bits):
+            return _f64(fx.Proxy(src, p.tracer))
+    return _f64(p)
+
+
 def _cast(t, like):
     return aten._to_copy.default(t, dtype=_val(like).dtype)
 
@@ -85,8 +99,8 @@ def fold_affine(family, base, a, d):
     w, b = base[1], base[2]
     new = list(base)
     if a is not None:
-        new[1] = _cast(_scale_out(family, _f64(w), a, w, base), w)
-    b64 = None if b is None else _f64(b)
+        new[1] = _cast(_scale_out(family, _f64_source(w), a, w, base), w)
+    b64 = None if b is None else _f64_source(b)
     if b64 is not None and a is not None:
         b64 = aten.mul.Tensor(b64, a)
     if d is not None:

@@ -14,9 +14,16 @@ from fusepass.check import TOLERANCE
 # avx512bw/vl/dq or avx_ne_convert (an AVX2-only Zen 3 has neither). A test that needs
 # them asks with this mark, and says why when it skips.
 NATIVE_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-needs_native_bf16 = pytest.mark.skipif(
-    not NATIVE_BF16, reason="CPU lacks native bf16 (oneDNN's bf16 kernels need avx512bw/vl/dq "
-    "or avx_ne_convert)")
+NO_NATIVE_BF16 = ("CPU lacks native bf16 (oneDNN's bf16 kernels need avx512bw/vl/dq or "
+                  "avx_ne_convert)")
+needs_native_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason=NO_NATIVE_BF16)
+
+
+def require_native_bf16():
+    """Skip the calling test, saying why, on a CPU without native bf16 (the call form of
+    ``needs_native_bf16``, for a test that decides inside)."""
+    if not NATIVE_BF16:
+        pytest.skip(NO_NATIVE_BF16)
 
 TOL = TOLERANCE  # fusepass.check's table: one tolerance per dtype for check mode and tests
 
