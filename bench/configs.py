@@ -212,10 +212,14 @@ def make_openvino(model, inputs):
     converts torch -> numpy (views) and back, so that conversion is timed; outputs are
     copied out of OpenVINO's buffers (``share_outputs=False``), as eager allocates its
     own."""
+    return _openvino(model, inputs, OPENVINO_CPU_CONFIG)
+
+
+def _openvino(model, inputs, config):
     import openvino as ov
     example = tuple(inputs) if len(inputs) > 1 else inputs[0]
     ov_model = ov.convert_model(model, example_input=example)
-    cfg = dict(OPENVINO_CPU_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
+    cfg = dict(config, INFERENCE_NUM_THREADS=torch.get_num_threads())
     compiled = ov.Core().compile_model(ov_model, "CPU", cfg)
     request = compiled.create_infer_request()
 
@@ -271,6 +275,44 @@ def make_onnxruntime(model, inputs):
     return fn, info
 
 
+# ------------------------------------------------------------------- bf16 (issue 18)
+# bf16 is only worth timing where the CPU computes it natively (avx512bw/vl/dq with
+# avx512_bf16, avx_ne_convert, AMX): elsewhere every runtime converts through fp32 and
+# is slower than fp32, and oneDNN's bf16 kernels raise. The rows are decided in the
+# parent (``applies``): on such a CPU they are skip rows saying so, no worker starts.
+def _native_bf16(spec) -> Optional[str]:
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return ("CPU lacks native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is "
+                "False: no avx512bw/vl/dq, avx_ne_convert or AMX)")
+    return None
+
+
+def make_fusepass_bf16(model, inputs):
+    """fusepass with ``precision="bf16"``: conv/linear regions in bf16 (autocast's policy),
+    bf16 weights cast and prepacked at compile time, fp32 at the graph's edges."""
+    fn = torch.compile(model, backend="fusepass", options={"precision": "bf16"})
+    return fn, lambda: {"precision": "bf16", **_dynamo_info()}
+
+
+def make_inductor_bf16(model, inputs):
+    """Inductor's bf16 recipe: ``torch.autocast("cpu", torch.bfloat16)`` around the call
+    of a model compiled with freezing on (the compile happens in the first, autocast
+    call); its outputs are bf16 where autocast leaves them so."""
+    compiled, info = _compiled(model, freezing=True)
+
+    def fn(*xs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return compiled(*xs)
+
+    return fn, lambda: {**info(), "autocast": "bf16"}
+
+
+def make_openvino_bf16(model, inputs):
+    """``make_openvino`` with ``INFERENCE_PRECISION_HINT=bf16`` (the info's
+    ``ov_precision`` says what OpenVINO's CPU plugin really chose)."""
+    return _openvino(model, inputs, dict(OPENVINO_CPU_CONFIG, INFERENCE_PRECISION_HINT="bf16"))
+
+
 def _cnn_only(spec) -> Optional[str]:
     return None if spec.kind == "cnn" else "channels_last does not apply (no 4-D activations)"
 
@@ -305,8 +347,21 @@ CONFIGS = {c.name: c for c in [
            "torch.onnx.export + onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL, 2 threads, "
            "no spinning", make_onnxruntime, lambda spec: _peer_missing("onnxruntime", "onnx",
                                                                         "onnxscript")),
+    Config("fusepass_bf16", "main",
+           'torch.compile(backend="fusepass", options={"precision": "bf16"})',
+           make_fusepass_bf16, _native_bf16),
+    Config("inductor_bf16", "main",
+           'torch.autocast("cpu", bfloat16) around torch.compile (Inductor), freezing on',
+           make_inductor_bf16, _native_bf16),
+    Config("openvino_bf16", "main",
+           'openvino with INFERENCE_PRECISION_HINT=bf16 (else as the openvino row)',
+           make_openvino_bf16, lambda spec: _native_bf16(spec) or _peer_missing("openvino")),
 ]}
+# The bf16 rows are in the default run: on a CPU without native bf16 they are skip rows
+# decided before any worker starts (free), and there the table must say why bf16 has no
+# number; on a native-bf16 CPU they add three timed configs per (model, batch).
 DEFAULT_CONFIGS = list(CONFIGS)
+BF16_CONFIGS = ["fusepass_bf16", "inductor_bf16", "openvino_bf16"]
 # Inductor's cold compile of even the tiny net takes 20-45 s here: not in the CI smoke
 # (tests/test_bench_smoke.py has an opt-in test that adds it).
 SMOKE_CONFIGS = ["eager", "eager_cl", "fusepass", "dynamo_only"]
