@@ -337,14 +337,28 @@ def _canonical_matmul(gm, n):
             return
     else:
         (x, w), b = n.args[:2], None
-    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+    (w, cast), bsrc = _frozen(w), _frozen(b)[0]
+    if w is None:
         return
-    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr" and b.meta["val"].dim() == 1):
+    if b is not None and not (bsrc is not None and bsrc.meta["val"].dim() == 1):
         return
     from fusepass.ir import add_constant
-    wt = add_constant(gm, getattr(gm, w.target).t().contiguous(), "wt", n,
+    t = getattr(gm, w.target).t().contiguous()
+    wt = add_constant(gm, t if cast is None else t.to(cast), "wt", n,
                       source=w.meta.get("fusepass_source"))
     _swap(gm, n, fp.linear, (x, wt, b, None, [], []))
+
+
+def _frozen(n):
+    """(the frozen constant ``n`` is, or that autocast's ``_to_copy(W, dtype=)`` casts;
+    the cast dtype or None); (None, None) for anything else."""
+    if isinstance(n, fx.Node) and n.op == "get_attr":
+        return n, None
+    if (isinstance(n, fx.Node) and n.target is aten._to_copy.default and len(n.args) == 1
+            and set(n.kwargs) == {"dtype"} and isinstance(n.args[0], fx.Node)
+            and n.args[0].op == "get_attr"):
+        return n.args[0], n.kwargs["dtype"]
+    return None, None
 
 
 def _functional_restride(gm, n):

@@ -372,3 +372,33 @@ def test_native_bf16_kernels_numerics(name):
         assert bf16_ops(opt)
         with torch.no_grad():
             assert_bf16_close(opt(xin).float(), m(x), layers)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D spelling, ``addmm(b, x, W)``, then GELU."""
+    LAYERS = 1
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(16, 32) / 4), nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(torch.addmm(self.b, x, self.w))
+
+
+def test_autocast_addmm_spelling_is_a_bf16_linear(monkeypatch):
+    """Under autocast ``addmm``'s weight reaches it through a cast: capture still sees a
+    frozen weight and makes the one linear spelling (bf16 weight), which fuses GELU."""
+    torch.manual_seed(0)
+    m, x = Conv1D().eval(), torch.randn(3, 16)
+    opt = optimize(Autocast(m), x)
+    report_ok(opt.fusepass_report)
+    assert not weight_casts_left(opt)
+    with torch.no_grad():
+        got, want = opt(x), Autocast(m)(x)
+    assert got.dtype == want.dtype == BF16
+    assert_bf16_close(got, want, m.LAYERS)
+    monkeypatch.setattr(table, "native_bf16", lambda: True)
+    opt = optimize(Autocast(m), x, disable="prepack_weights")
+    assert histogram(opt)["mkldnn._linear_pointwise"] == 1
+    assert opt.fusepass_report.counts.get("linear.gelu") == 1
