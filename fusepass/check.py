@@ -37,8 +37,10 @@ def record_fused(gm, node) -> tuple:
     return node.target, fx.node.map_arg(node.args, resolve)
 
 
-def difference(got, want) -> Optional[str]:
-    """None when got matches want within the dtype's tolerance, else a description."""
+def difference(got, want, compute_dtype=None) -> Optional[str]:
+    """None when got matches want within the dtype's tolerance, else a description.
+    ``compute_dtype``: the dtype the graph computed in when it is not the output's
+    (``Options.precision="bf16"``: fp32 edges, bf16 inside), whose tolerance applies."""
     g_leaves, w_leaves = pytree.tree_leaves(got), pytree.tree_leaves(want)
     if len(g_leaves) != len(w_leaves):
         return f"{len(g_leaves)} outputs, eager has {len(w_leaves)}"
@@ -53,7 +55,7 @@ def difference(got, want) -> Optional[str]:
             continue
         if w.numel() == 0:
             continue
-        rtol, atol = TOLERANCE.get(w.dtype, (1e-6, 1e-6))
+        rtol, atol = TOLERANCE.get(compute_dtype or w.dtype, (1e-6, 1e-6))
         scale = max(w.abs().max().item(), 1.0)
         err = (g.double() - w.double()).abs().max().item()
         if not err <= atol * scale + rtol:  # also catches NaN
@@ -83,8 +85,8 @@ class _Localizer(fx.Interpreter):
         return got
 
 
-def check_variant(gm, user_args, out, want):
-    diff = difference(out, want)
+def check_variant(gm, user_args, out, want, compute_dtype=None):
+    diff = difference(out, want, compute_dtype)
     if diff is None:
         return
     loc = _Localizer(gm)

@@ -280,7 +280,7 @@ class Compiled:
 
         v = Variant(run, report, gm, watch=watch)
         if self.options.check:
-            v.run, v.checked = self._checked(lifted, v, run, idx, set(watch.idx)), False
+            v.run, v.checked = self._checked(lifted, v, run, idx, set(watch.idx), amp), False
         return v
 
     @staticmethod
@@ -305,7 +305,7 @@ class Compiled:
                           "frozen and not watched (state, not constants)")
         return watch
 
-    def _checked(self, lifted, v, run, idx, frozen):
+    def _checked(self, lifted, v, run, idx, frozen, compute_dtype=None):
         def pristine(full):  # eager and the localizer must not mutate the user's inputs
             return [a.clone() if isinstance(a, torch.Tensor) and i not in frozen else a
                     for i, a in enumerate(full)]
@@ -315,7 +315,7 @@ class Compiled:
                 want = lifted.fn(*pristine(full))
             local = pristine(full)
             out = run(full)
-            check_variant(v.gm, [local[i] for i in idx], out, want)
+            check_variant(v.gm, [local[i] for i in idx], out, want, compute_dtype)
             v.run, v.checked = run, True
             return out
         return first_call

@@ -402,3 +402,13 @@ def test_autocast_addmm_spelling_is_a_bf16_linear(monkeypatch):
     opt = optimize(Autocast(m), x, disable="prepack_weights")
     assert histogram(opt)["mkldnn._linear_pointwise"] == 1
     assert opt.fusepass_report.counts.get("linear.gelu") == 1
+
+
+def test_check_mode_judges_precision_bf16_by_bf16_tolerance():
+    """check=True compares with fp32 eager; a bf16-precision graph is judged by bf16's
+    tolerance (its edges are fp32, its arithmetic is not)."""
+    m, x = model("convnet")
+    opt = optimize(m, x, precision="bf16", lowering="reference", check=True)
+    with torch.no_grad():
+        assert_bf16_close(opt(x), m(x), m.LAYERS)
+    report_ok(opt.fusepass_report)
