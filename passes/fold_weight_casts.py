@@ -16,19 +16,17 @@ frozen weight is (``fusepass/runtime.py``): a change rebuilds the variant.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fusepass.ir import add_constant, constant, delete_unused_attrs, is_constant
 from fusepass.patterns.fold_guards import cast_of
 
-def _why_not(gm, node, src, dtype):
-    if not is_constant(gm, src):
-        return "input is not a frozen constant"
-    t = constant(gm, src)
-    if not (t.is_floating_point() and dtype.is_floating_point):
-        return f"{t.dtype} -> {dtype}: not a floating-point cast"
-    return None
+
+def _foldable(gm, src, dtype) -> bool:
+    """A floating-point cast of a frozen constant (casts of activations are no
+    candidates: nothing to report)."""
+    return (is_constant(gm, src) and constant(gm, src).is_floating_point()
+            and dtype.is_floating_point)
 
 
 def fold_weight_casts(gm, *, options, report) -> PassResult:
@@ -38,8 +36,8 @@ def fold_weight_casts(gm, *, options, report) -> PassResult:
         if cast is None or not node.users:  # a cast a fold left dead goes with DCE
             continue
         src, dtype = cast
-        if _why_not(gm, node, src, dtype):
-            continue  # casts of activations are no candidates: nothing to report
+        if not _foldable(gm, src, dtype):
+            continue
         key = (src, dtype)
         if key not in folded:
             with torch.no_grad():

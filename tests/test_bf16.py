@@ -25,7 +25,7 @@ from fusepass.options import OptionError
 from tests.util import NATIVE_BF16, histogram, require_native_bf16
 
 U = 2.0 ** -8  # bf16 unit roundoff (8 significant bits)
-BF16, F32, F64 = torch.bfloat16, torch.float32, torch.float64
+BF16, F32 = torch.bfloat16, torch.float32
 
 
 def bf16_tol(layers: int) -> float:
