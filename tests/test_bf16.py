@@ -356,6 +356,14 @@ def test_the_native_plan_lowers_to_onednn_bf16_kernels_with_bf16_weights(monkeyp
             assert w.op == "get_attr" and getattr(opt, w.target).dtype == BF16, n.format_node()
     out = next(n for n in opt.graph.nodes if n.op == "output").args[0]
     assert out.meta["val"].dtype == (F32 if case == "precision" else BF16)
+    # and prepack_weights would pack every one of them (bf16 blocked weights): its
+    # decision, asked without calling oneDNN
+    from fusepass.passes import prepack_weights as P
+    kernels = [n for n in opt.graph.nodes if n.target in P.KERNELS]
+    assert len(kernels) == 3
+    for n in kernels:
+        kind, xi, wi, _ = P.KERNELS[n.target]
+        assert P._why_not(opt, n, kind, n.args[xi], n.args[wi]) is None, n.format_node()
     assert not [d for d in rep.decisions if "mixed dtypes" in d.reason or "lacks" in d.reason]
 
 
