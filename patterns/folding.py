@@ -13,10 +13,11 @@ Every fold is an affine map of the output channels, ``y' = a*y + d``, absorbed a
 A replacement spells the new weight and bias as ATen ops over the constants, in
 float64 and cast back once (``_to_copy(W * a, dtype=W.dtype)``), so bf16/fp16 weights are
 not folded in their own precision (pytorch#145623); a weight autocast cast down
-(``_to_copy(W_fp32, dtype=bf16)``) is folded from the fp32 ``W`` behind the cast. Those expressions have constant
-inputs only; the rewrite engine evaluates them into new constants as it replaces
-(``fusepass.rewrite.evaluate_constants``), so a user's parameter is never written. Replacements may read the (static) ``meta["val"]``
-of bound nodes for shapes and dtypes.
+(``_to_copy(W_fp32, dtype=bf16)``) is folded from the fp32 ``W`` behind the cast, rounded
+once. Those expressions have constant inputs only; the rewrite engine evaluates them
+into new constants as it replaces (``fusepass.rewrite.evaluate_constants``), so a user's
+parameter is never written. Replacements may read the (static) ``meta["val"]`` of bound
+nodes for shapes and dtypes.
 
 Rows come from a product of families (conv: 1d/2d/3d, grouped, transposed; linear) and
 spellings; ``fold.bn*`` rows belong to ``fold_batchnorm``, ``fold.const.*`` rows to

@@ -37,7 +37,8 @@ def bf16_tol(layers: int) -> float:
 def assert_bf16_close(got, want, layers):
     scale = want.double().abs().max().item()
     err = (got.double() - want.double()).abs().max().item()
-    assert err <= bf16_tol(layers) * scale, f"max error {err:.3g} > {bf16_tol(layers):.3g} * {scale:.3g}"
+    assert err <= bf16_tol(layers) * scale, (
+        f"max error {err:.3g} > {bf16_tol(layers):.3g} * {scale:.3g}")
 
 
 class ConvNet(nn.Module):
