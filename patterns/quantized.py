@@ -154,6 +154,16 @@ def _quantize_row(family, op, qop, arg_names, rank, when):
                 f"{qop.name()}", when)
 
 
+def _accum(other, out_dtype):
+    """The residual a quantized output will accumulate into: a ``dequantize`` of a tensor
+    of the output's dtype is taken by ``*.qaccum`` next, so the kernel sees its input."""
+    if (getattr(other, "op", None) == "call_function"
+            and other.target is _qd().dequantize_per_tensor.default
+            and len(other.users) == 1 and other.args[5] == out_dtype):
+        return other.args[0]
+    return other
+
+
 def _requant_row(family, qop, arg_names):
     """quantize(qop(...)) -> qop with a quantized output."""
     base = arg_names + QTAIL[:4] + ["other_scale", "other_zp"]
@@ -172,7 +182,7 @@ def _requant_row(family, qop, arg_names):
         return y
 
     def lowerable(m):
-        return m.lowerable(list(m["post"]), list(m["scalars"]), m["other"])
+        return m.lowerable(list(m["post"]), list(m["scalars"]), _accum(m["other"], m["odt"]))
     lowerable.__name__ = "lowerable"
     return Rule(f"int8.q{family}.requant", with_signature(pattern, names),
                 with_signature(replacement, names), G.all_of(q_output, lowerable),

@@ -111,7 +111,8 @@ def _pack_conv(gm, node):
     x, w, b, stride, padding, dilation, _, _, groups = node.args[:9]
     packed = onednn.qconv_prepack(constant(gm, w), constant(gm, _q(node, "w_scale")),
                                   _q(node, "x_scale"), _q(node, "x_zp"), list(stride),
-                                  list(padding), list(dilation), groups, None)
+                                  list(padding), list(dilation), groups,
+                                  list(val(x).shape))  # oneDNN picks the weight format for it
     return _packed(gm, node, packed, "qconv_w")
 
 
