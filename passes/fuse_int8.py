@@ -114,6 +114,27 @@ def _split_chains(gm, targets, report) -> bool:
     return changed
 
 
+def _qname(a):
+    ns = getattr(getattr(a, "target", None), "namespace", None)
+    return a.target.name().split("::")[-1] if ns == "quantized_decomposed" else None
+
+
+def _unmatched(gm, report):
+    """A float conv/linear reading quantization ops no int8 row matched (dynamic or
+    per-token activations, per-tensor or int4 weights, fp8, ...) says so: it runs as the
+    graph says, in float."""
+    seen = {d.node for d in report.decisions if d.stage == "fuse_int8"}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in (fp.conv, fp.linear) or n.name in seen:
+            continue
+        x, w = _qname(n.args[0]), _qname(n.args[1])
+        if x or w:
+            report.record("fuse_int8", "int8.q" + fp.family_of(n.target), n.name, "declined",
+                          f"input {x or 'float'}, weight {w or 'float'}: no int8 row takes it "
+                          "(rows: static per-tensor u8 activations, per-channel s8 weights); "
+                          "runs in float")
+
+
 def fuse_int8(gm, *, options, report) -> PassResult:
     qd, quant, dequant = _qd_ops()
     if not any(n.op == "call_function" and n.target in quant | dequant for n in gm.graph.nodes):
@@ -137,6 +158,7 @@ def fuse_int8(gm, *, options, report) -> PassResult:
         changed |= _split_chains(gm, targets, report)
     changed |= apply_rules(gm, rules, report, stage="fuse_int8", max_rounds=options.fuse_rounds,
                            lowerable=asker(targets))
+    _unmatched(gm, report)
     for n in list(gm.graph.nodes):  # 4. what stays float dequantizes its weight once
         if n.op == "call_function" and n.target in dequant and _constant_inputs(gm, n):
             _evaluate(gm, n, "dequantized_weight", report,

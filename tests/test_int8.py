@@ -389,3 +389,60 @@ def test_quantize_bad_arguments():
         fusepass.quantize(lin, [])
     with pytest.raises(ValueError, match="max_error"):
         fusepass.quantize(lin, [torch.randn(2, 4)], max_error=-1)
+
+
+def test_bert_dynamic_quantization_runs_in_float_and_says_so():
+    """Dynamic (per-call) activation quantization has no int8 row: every linear runs in
+    float on what the graph computes, each declined with what it read."""
+    from tests.util import tiny_bert
+    bert = tiny_bert(1)
+    ids = torch.randint(0, 100, (2, 16))
+    qm = fusepass.quantize(bert, [ids], dynamic=True)
+    with torch.no_grad():
+        opt = fusepass.optimize(qm, [ids])
+        ref, got = qm(ids), opt(ids)
+    ref, got = [torch.utils._pytree.tree_leaves(t)[0] for t in (ref, got)]
+    assert rel(got, ref) < 1e-4
+    declined = [d for d in opt.fusepass_report.decisions
+                if d.rule == "int8.qlinear" and d.action == "declined"]
+    n_linear = sum(isinstance(t, nn.Linear) for t in bert.modules())
+    assert len(declined) == n_linear and all("no int8 row takes it" in d.reason for d in declined)
+    assert not [k for k in histogram(opt) if k.startswith("onednn.q")]
+
+
+PASSTHROUGH = {"max_pool2d": lambda y: F.max_pool2d(y, 3, 2, 1), "view": lambda y: y.flatten(1),
+               "permute": lambda y: y.permute(0, 2, 3, 1)}
+
+
+@pytest.mark.parametrize("row", sorted(PASSTHROUGH))
+@settings(max_examples=examples(4))
+@given(hi=st.sampled_from([127, 255]), zp=st.integers(0, 20), batch=st.sampled_from([1, 3]))
+def test_int8_passthrough_rows(row, hi, zp, batch):
+    """quantize(op(dequantize(x))) with shared parameters runs op on the int8 tensor:
+    exactly the same values, no dequantize/quantize left around it."""
+    fn = PASSTHROUGH[row]
+
+    class M(nn.Module):
+        def forward(self, x):
+            y = fn(dq(q(x, 0.05, zp, hi), 0.05, zp, hi))
+            return dq(q(y, 0.05, zp, hi), 0.05, zp, hi)
+    m, x = M(), torch.randn(batch, 4, 9, 9)
+    opt = optimize(m, [x])
+    assert actions(opt, f"int8.{row}")[0][0] == "rewritten"
+    h = histogram(opt)
+    assert h["quantized_decomposed.quantize_per_tensor"] == 1 and h["quantized_decomposed.dequantize_per_tensor"] == 1, h
+    with torch.no_grad():
+        assert torch.equal(opt(x), m(x))
+
+
+def test_passthrough_declines_other_qparams():
+    class M(nn.Module):
+        def forward(self, x):
+            y = F.max_pool2d(dq(q(x, 0.05, 0, 127), 0.05, 0, 127), 2)
+            return dq(q(y, 0.07, 0, 127), 0.07, 0, 127)
+    m, x = M(), torch.randn(1, 4, 8, 8)
+    opt = optimize(m, [x])
+    (action, reason), = actions(opt, "int8.max_pool2d")
+    assert action == "declined" and "differ" in reason
+    with torch.no_grad():
+        assert torch.equal(opt(x), m(x))
