@@ -42,7 +42,8 @@ QTAIL = ["x_scale", "x_zp", "w_scale", "w_zp", "out_scale", "out_zp", "out_dtype
 def vnni() -> bool:
     """VNNI (avx512_vnni, avx_vnni) or AMX: oneDNN's int8 dot products accumulate in int32."""
     cpu = torch.cpu
-    return bool(cpu._is_vnni_supported() or cpu._is_amx_tile_supported())
+    probes = [getattr(cpu, n, None) for n in ("_is_vnni_supported", "_is_amx_tile_supported")]
+    return any(bool(p()) for p in probes if p is not None)
 
 
 NO_VNNI = ("CPU lacks VNNI (avx512_vnni/avx_vnni/amx): oneDNN's u8*s8 kernels add pairs of "

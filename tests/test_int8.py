@@ -285,6 +285,12 @@ def test_ipex_lowering_says_onednn_serves_int8():
 
 
 # ------------------------------------------------------------------ whole models
+needs_torchao = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torchao") is None,
+    reason="torchao not installed (pip install 'fusepass[int8]'; make setup installs it)")
+needs_int8_kernels = pytest.mark.skipif(
+    not hasattr(torch.ops.onednn, "qconv_pointwise"),
+    reason=f"torch {torch.__version__} lacks onednn.qconv_pointwise (the int8 kernels)")
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -317,6 +323,8 @@ def model_check(model, inputs, calib, expect_int8, **quant_kw):
     return qm, opt
 
 
+@needs_torchao
+@needs_int8_kernels
 def test_resnet_style_net_all_convs_int8():
     from bench import zoo
     m = zoo.build("resnet18")
@@ -328,6 +336,8 @@ def test_resnet_style_net_all_convs_int8():
     assert set(layers.values()) == {"int8"} and len(layers) == 21
 
 
+@needs_torchao
+@needs_int8_kernels
 def test_mobilenet_v3_style_net():
     """hardswish, depthwise convs, squeeze-excite (its hardsigmoid has no int8 conv
     post-op: that conv runs int8 with the gate after it)."""
@@ -346,6 +356,8 @@ def test_mobilenet_v3_style_net():
     assert rel(got, ref) <= max(2 * noise, 2e-3), (rel(got, ref), noise)
 
 
+@needs_torchao
+@needs_int8_kernels
 def test_bert_style_encoder_static():
     from tests.util import tiny_bert
     bert = tiny_bert(2)
@@ -355,6 +367,7 @@ def test_bert_style_encoder_static():
     model_check(bert, [ids], calib, expect_int8=n_linear)
 
 
+@needs_torchao
 def test_quantize_max_error_returns_sensitive_layers_to_fp32():
     from bench import zoo
     m = zoo.build("resnet18")
@@ -373,6 +386,7 @@ def test_quantize_max_error_returns_sensitive_layers_to_fp32():
     assert abs(relative_error(q2, refs, calib) - rep.error) < 1e-6
 
 
+@needs_torchao
 def test_quantize_restores_inductors_pre_grad_pass():
     import torch._inductor.config as cfg
     before = cfg.pre_grad_custom_pass
@@ -381,6 +395,7 @@ def test_quantize_restores_inductors_pre_grad_pass():
     assert cfg.pre_grad_custom_pass is before
 
 
+@needs_torchao
 def test_quantize_bad_arguments():
     lin = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="per_channel"):
@@ -391,6 +406,7 @@ def test_quantize_bad_arguments():
         fusepass.quantize(lin, [torch.randn(2, 4)], max_error=-1)
 
 
+@needs_torchao
 def test_bert_dynamic_quantization_runs_in_float_and_says_so():
     """Dynamic (per-call) activation quantization has no int8 row: every linear runs in
     float on what the graph computes, each declined with what it read."""
