@@ -170,7 +170,8 @@ def make_ipex_backend(model, inputs):
 # while idle: workers stay alive between rounds while another config is timed, and a
 # spinning idle worker would steal a core from it (bench/README.md, "Peers").
 OPENVINO_PIN = "openvino==2026.4.1"
-PEER_PACKAGES = {"openvino": OPENVINO_PIN, "onnxruntime": "onnxruntime onnx onnxscript"}
+PEER_PACKAGES = {"openvino": OPENVINO_PIN, "onnxruntime": "onnxruntime onnx onnxscript",
+                 "nncf": "nncf==3.4.0", "torchao": "torchao==0.18.0"}
 
 
 def _peer_missing(*modules: str) -> Optional[str]:
@@ -313,6 +314,88 @@ def make_openvino_bf16(model, inputs):
     return _openvino(model, inputs, dict(OPENVINO_CPU_CONFIG, INFERENCE_PRECISION_HINT="bf16"))
 
 
+# ------------------------------------------------------------------------------ INT8
+# One converted graph for every int8 row: fusepass.quantize (torchao 0.18 PT2E,
+# X86InductorQuantizer defaults; reduce_range chosen for the CPU) on 4 calibration batches
+# (the bench input and 3 perturbed copies). The quantization is the user's step, not the
+# compile: it happens in ``make`` (timed as part of compile_s; ``quantize_s`` says how much).
+# ``err_vs_converted``: relative L2 error against the converted graph run eagerly (what the
+# int8 kernels should reproduce), the accuracy target of issue 15.
+def _calibration(inputs, n=4):
+    g = torch.Generator().manual_seed(1234)
+    batches = [tuple(inputs)]
+    for _ in range(n - 1):
+        batches.append(tuple(t + 0.1 * torch.randn(t.shape, generator=g) if t.is_floating_point()
+                             else t for t in inputs))
+    return batches
+
+
+def _converted(model, inputs):
+    import time
+
+    import fusepass
+    t0 = time.perf_counter()
+    qm = fusepass.quantize(model, _calibration(inputs))
+    return qm, {"quantize_s": round(time.perf_counter() - t0, 2),
+                "reduce_range": qm.fusepass_quantization.reduce_range}
+
+
+def _rel(a, b):
+    a, b = [torch.utils._pytree.tree_leaves(t)[0].float() for t in (a, b)]
+    return float((a - b).norm() / b.norm())
+
+
+def _int8_info(qm, fn, inputs, base):
+    def info():
+        with torch.no_grad():
+            err = _rel(fn(*inputs), qm(*inputs))
+        extra = base() if callable(base) else base
+        return {**extra, "err_vs_converted": err}
+    return info
+
+
+def make_fusepass_int8(model, inputs):
+    qm, q = _converted(model, inputs)
+    fn = torch.compile(qm, backend="fusepass")
+    # what bench/measure.py explains (not Module.__setattr__: that would make qm a
+    # submodule of the compiled wrapper, which forwards attributes to qm itself)
+    object.__setattr__(fn, "bench_source_model", qm)
+    return fn, _int8_info(qm, fn, inputs, lambda: {**q, **_dynamo_info()})
+
+
+def make_inductor_int8(model, inputs):
+    """The same converted graph through Inductor with freezing (its int8 lowering needs
+    it) and torchao's pre-grad pass (``quant_lift_up``, which importing torchao's quantizer
+    installs and fusepass.quantize undoes)."""
+    qm, q = _converted(model, inputs)
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.inductor_passes.x86 import quant_lift_up
+    inductor_config.pre_grad_custom_pass = quant_lift_up
+    fn, info = _compiled(qm, freezing=True)
+    return fn, _int8_info(qm, fn, inputs, lambda: {**q, **info()})
+
+
+def make_openvino_int8(model, inputs):
+    """NNCF's post-training quantization of the converted OpenVINO model on the same
+    calibration batches (``nncf.quantize``, default preset), compiled as ``openvino``.
+    ``err_vs_converted`` here is against fusepass.quantize's graph: another quantizer, so
+    it is a comparison of accuracy, not of reproduction."""
+    import nncf
+    import openvino as ov
+    example = tuple(inputs) if len(inputs) > 1 else inputs[0]
+    ov_model = ov.convert_model(model, example_input=example)
+    calib = [_numpy_inputs(b) for b in _calibration(inputs)]
+    qov = nncf.quantize(ov_model, nncf.Dataset(calib, lambda b: b if len(b) > 1 else b[0]))
+    cfg = dict(OPENVINO_CPU_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
+    request = ov.Core().compile_model(qov, "CPU", cfg).create_infer_request()
+
+    def fn(*xs):
+        res = request.infer(_numpy_inputs(xs), share_inputs=True, share_outputs=False)
+        return _torch_outputs(res.to_tuple())
+
+    return fn, {"openvino": ov.__version__, "nncf": nncf.__version__, "ov_config": cfg}
+
+
 def _cnn_only(spec) -> Optional[str]:
     return None if spec.kind == "cnn" else "channels_last does not apply (no 4-D activations)"
 
@@ -356,12 +439,23 @@ CONFIGS = {c.name: c for c in [
     Config("openvino_bf16", "main",
            'openvino with INFERENCE_PRECISION_HINT=bf16 (else as the openvino row)',
            make_openvino_bf16, lambda spec: _native_bf16(spec) or _peer_missing("openvino")),
+    Config("fusepass_int8", "main",
+           'fusepass.quantize (PT2E, X86InductorQuantizer) + torch.compile(backend="fusepass")',
+           make_fusepass_int8, lambda spec: _peer_missing("torchao")),
+    Config("inductor_int8", "main",
+           "the same converted graph + torch.compile (Inductor, freezing, torchao's quant_lift_up)",
+           make_inductor_int8, lambda spec: _peer_missing("torchao")),
+    Config("openvino_int8", "main",
+           "ov.convert_model + nncf.quantize (same calibration batches) + compile_model as openvino",
+           make_openvino_int8, lambda spec: _peer_missing("openvino", "nncf")),
 ]}
 # The bf16 rows are in the default run: on a CPU without native bf16 they are skip rows
 # decided before any worker starts (free), and there the table must say why bf16 has no
 # number; on a native-bf16 CPU they add three timed configs per (model, batch).
-DEFAULT_CONFIGS = list(CONFIGS)
+# The int8 rows quantize every model (~30 s for ResNet-50): `python -m bench --configs` them.
 BF16_CONFIGS = ["fusepass_bf16", "inductor_bf16", "openvino_bf16"]
+INT8_CONFIGS = ["fusepass_int8", "inductor_int8", "openvino_int8"]
+DEFAULT_CONFIGS = [c for c in CONFIGS if c not in INT8_CONFIGS]
 # Inductor's cold compile of even the tiny net takes 20-45 s here: not in the CI smoke
 # (tests/test_bench_smoke.py has an opt-in test that adds it).
 SMOKE_CONFIGS = ["eager", "eager_cl", "fusepass", "dynamo_only"]

@@ -215,10 +215,11 @@ def main(argv) -> int:
                     stage = "profile"
                     with torch.no_grad():
                         done["profile"] = profile(fn, inputs, cmd["profile"])
-                if spec["config"] == "fusepass":
+                if spec["config"] in ("fusepass", "fusepass_int8"):
                     stage = "fusepass.explain"
-                    try:
-                        done["fusepass"] = fusepass_report(model, inputs)
+                    try:  # int8: the converted graph the config compiled
+                        done["fusepass"] = fusepass_report(
+                            getattr(fn, "bench_source_model", model), inputs)
                     except Exception as e:  # the timing stands; say why the report is missing
                         done["fusepass"] = {"error": f"{type(e).__name__}: {e}"}
                 ch.send(event="done", **done)

@@ -73,6 +73,10 @@ def _notes(r, idx) -> str:
                      f"{r.get('contaminated_runs', 0)} kept busy")
     if info.get("graph_breaks"):
         notes.append(f"{info['graph_breaks']} graph breaks")
+    if "err_vs_converted" in info:  # int8 rows: error against the converted graph run eagerly
+        notes.append(f"rel L2 err vs converted {info['err_vs_converted']:.2g}"
+                     + (f", quantize {info['quantize_s']} s" if "quantize_s" in info else "")
+                     + (", reduce_range" if info.get("reduce_range") else ""))
     fp = r.get("fusepass")
     if fp:
         if fp.get("error"):

@@ -88,7 +88,8 @@ for _op in ["mish", "neg", "abs", "exp", "sqrt", "rsqrt", "reciprocal", "erf", "
 RULES.update({aten.clamp.default: _ALL, aten.pow.Tensor_Scalar: _ALL, aten.where.self: _ALL})
 # PT2E's per-tensor quantize/dequantize: elementwise, the scale and zero point are numbers
 _qd = fp.quantized_decomposed()
-RULES.update({_qd.quantize_per_tensor.default: _FIRST, _qd.dequantize_per_tensor.default: _FIRST})
+RULES.update({_qd.quantize_per_tensor.default: _FIRST, _qd.dequantize_per_tensor.default: _FIRST,
+              torch.ops.quantized.max_pool2d.default: _FIRST})  # int8 max pooling
 
 
 def rule_for(node) -> Optional[LayoutRule]:

@@ -109,9 +109,16 @@ def quantized_decomposed():
 QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
+def _dtype(t):
+    """A tensor's dtype; for an FX proxy (``lowering.reference`` traces these kernels into
+    the graph) its node's."""
+    return t.node.meta["val"].dtype if isinstance(t, torch.fx.Proxy) else t.dtype
+
+
 def _dq_x(x, scale, zp):
-    lo, hi = QRANGE[x.dtype]
-    return quantized_decomposed().dequantize_per_tensor.default(x, scale, zp, lo, hi, x.dtype)
+    dtype = _dtype(x)
+    lo, hi = QRANGE[dtype]
+    return quantized_decomposed().dequantize_per_tensor.default(x, scale, zp, lo, hi, dtype)
 
 
 def _dq_w(w, scale, zp):
@@ -120,7 +127,7 @@ def _dq_w(w, scale, zp):
 
 
 def _requant(y, other, post, scalars, out_scale, out_zp, out_dtype, other_scale, other_zp):
-    if other is not None and other.dtype in QRANGE:
+    if other is not None and _dtype(other) in QRANGE:
         other = _dq_x(other, other_scale, other_zp)
     y = apply_chain(y, other, post, scalars)
     if out_dtype is None:

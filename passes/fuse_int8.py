@@ -71,6 +71,70 @@ def _evaluate(gm, n, hint, report, why):
     erase_dead(gm, [n])
 
 
+def _quantized_operands(n):
+    """(xq, wq) when a float fused op reads dequantize(u8) and dequantize(s8 weight)."""
+    qd = fp.quantized_decomposed()
+    if n.op != "call_function" or n.target not in (fp.conv, fp.linear):
+        return None
+    x, w = n.args[0], n.args[1]
+    if not (isinstance(x, fx.Node) and x.target is qd.dequantize_per_tensor.default
+            and isinstance(w, fx.Node) and w.target is qd.dequantize_per_channel.default):
+        return None
+    return x.args[0], w.args[0]
+
+
+def _int8_form(n, xq, wq, cut):
+    qop = fp.qconv if n.target is fp.conv else fp.qlinear
+    f = Form.of_node(n)
+    head, sc, o = lowering.chain_prefix(n, cut)
+    return Form(qop, _val(xq), _val(wq), f.bias, _val(o), tuple(head), tuple(sc), f.out,
+                f.transposed, f.groups)
+
+
+def _split_chains(gm, targets, report) -> bool:
+    """A float-fused chain the int8 kernels take only a prefix of (squeeze-excite's
+    conv + hardsigmoid): keep the prefix on the op, so the int8 row can take it, and run
+    the rest as ATen on its float output."""
+    changed = False
+    for n in list(gm.graph.nodes):
+        ops = _quantized_operands(n)
+        post = fp.chain_of(n)[1] if ops else []
+        if not post or lowering.why_not(targets, _int8_form(n, *ops, len(post))) is None:
+            continue
+        cut = next((c for c in range(len(post) - 1, -1, -1)
+                    if lowering.why_not(targets, _int8_form(n, *ops, c)) is None), None)
+        if cut is None:
+            continue
+        why = lowering.why_not(targets, _int8_form(n, *ops, len(post)))
+        name = n.name
+        lowering.cut_chain(gm, n, cut, expand_empty=False)
+        report.record("fuse_int8", "int8.split", name, "rewritten",
+                      f"{why}: {'+'.join(post[cut:])} runs as ATen after the int8 kernel")
+        changed = True
+    return changed
+
+
+def _qname(a):
+    ns = getattr(getattr(a, "target", None), "namespace", None)
+    return a.target.name().split("::")[-1] if ns == "quantized_decomposed" else None
+
+
+def _unmatched(gm, report):
+    """A float conv/linear reading quantization ops no int8 row matched (dynamic or
+    per-token activations, per-tensor or int4 weights, fp8, ...) says so: it runs as the
+    graph says, in float."""
+    seen = {d.node for d in report.decisions if d.stage == "fuse_int8"}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in (fp.conv, fp.linear) or n.name in seen:
+            continue
+        x, w = _qname(n.args[0]), _qname(n.args[1])
+        if x or w:
+            report.record("fuse_int8", "int8.q" + fp.family_of(n.target), n.name, "declined",
+                          f"input {x or 'float'}, weight {w or 'float'}: no int8 row takes it "
+                          "(rows: static per-tensor u8 activations, per-channel s8 weights); "
+                          "runs in float")
+
+
 def fuse_int8(gm, *, options, report) -> PassResult:
     qd, quant, dequant = _qd_ops()
     if not any(n.op == "call_function" and n.target in quant | dequant for n in gm.graph.nodes):
@@ -90,8 +154,11 @@ def fuse_int8(gm, *, options, report) -> PassResult:
             changed = True
     rules = [r for r in TABLE.select("int8.") if options.enabled(r.name)]
     targets = lowering.targets_of(options.lowering, available=True)
+    if rules and targets != ["reference"]:
+        changed |= _split_chains(gm, targets, report)
     changed |= apply_rules(gm, rules, report, stage="fuse_int8", max_rounds=options.fuse_rounds,
                            lowerable=asker(targets))
+    _unmatched(gm, report)
     for n in list(gm.graph.nodes):  # 4. what stays float dequantizes its weight once
         if n.op == "call_function" and n.target in dequant and _constant_inputs(gm, n):
             _evaluate(gm, n, "dequantized_weight", report,

@@ -118,25 +118,34 @@ def _split(gm, node, targets):
     """Cut ``node``'s chain after its longest prefix some target takes (possibly none):
     the head stays a fused op (returned; None when nothing is left of the chain and the
     op is expanded to ATen), the tail becomes ATen ops on its result."""
-    other, post, scalars = fp.chain_of(node)
-    i_other, i_post, i_scalars = fp.CHAIN_ARGS[node.target]
     form = Form.of_node(node)
-
-    def prefix(cut):
-        head = post[:cut]
-        n_sc = sum(fp.POST_OPS[p].arity for p in head)
-        binary = any(fp.POST_OPS[p].binary for p in head)
-        return head, list(scalars[:n_sc]), (other if binary else None), n_sc
-
-    cut = len(post) - 1
+    cut = len(fp.chain_of(node)[1]) - 1
     while cut > 0:
-        head, sc, o, _ = prefix(cut)
+        head, sc, o = chain_prefix(node, cut)
         f = Form(form.op, form.x, form.weight, form.bias, form.other if o is not None else None,
                  tuple(head), tuple(sc), form.out, form.transposed, form.groups)
         if why_not(targets, f, late=True) is None:
             break
         cut -= 1
-    head, sc, o, n_sc = prefix(cut)
+    return cut_chain(gm, node, cut)
+
+
+def chain_prefix(node, cut):
+    """(post, scalars, other) of the first ``cut`` post-ops of ``node``'s chain."""
+    other, post, scalars = fp.chain_of(node)
+    head = post[:cut]
+    n_sc = sum(fp.POST_OPS[p].arity for p in head)
+    return head, list(scalars[:n_sc]), (other if any(fp.POST_OPS[p].binary for p in head) else None)
+
+
+def cut_chain(gm, node, cut, expand_empty=True):
+    """Keep the first ``cut`` post-ops on the fused op, run the rest as ATen after it.
+    Returns (the head fused op, or None when ``cut`` is 0 and ``expand_empty`` made it
+    plain ATen; the tail's post-op names)."""
+    other, post, scalars = fp.chain_of(node)
+    i_other, i_post, i_scalars = fp.CHAIN_ARGS[node.target]
+    head, sc, o = chain_prefix(node, cut)
+    n_sc = len(sc)
     args = list(node.args)
     args[i_other], args[i_post], args[i_scalars] = o, head, sc
     with gm.graph.inserting_before(node):
@@ -145,7 +154,7 @@ def _split(gm, node, targets):
     out = reference.apply_tail(gm, node, head_node, other, post[cut:], scalars[n_sc:])
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
-    if head:
+    if head or not expand_empty:
         return head_node, post[cut:]
     reference.expand(gm, head_node)
     return None, post[cut:]

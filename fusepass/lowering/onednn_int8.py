@@ -66,7 +66,18 @@ def _layout_reason(f):
     return f"eager gives strides {tuple(y.stride())}: neither channels-last nor contiguous"
 
 
+def _missing(*names):
+    """The int8 kernels this torch lacks (torch 2.8's onednn namespace has no generic
+    ``qconv_pointwise``)."""
+    gone = [n for n in names if not hasattr(onednn, n.split(".")[0])
+            or not hasattr(getattr(onednn, n.split(".")[0]), n.split(".")[1] if "." in n else "default")]
+    return f"torch {torch.__version__} has no onednn.{', onednn.'.join(gone)}" if gone else None
+
+
 def qconv_check(f):
+    reason = _missing("qconv_prepack", "qconv_pointwise", "qconv2d_pointwise.binary")
+    if reason:
+        return reason
     if f.transposed:
         return "transposed int8 convolution has no onednn kernel"
     if f.weight is None or f.weight.dim() != 4:
@@ -84,6 +95,9 @@ def qconv_binary_check(f):
 
 
 def qlinear_check(f):
+    reason = _missing("qlinear_prepack", "qlinear_pointwise", "qlinear_pointwise.binary")
+    if reason:
+        return reason
     if f.x is None or f.x.dim() < 2:
         return "int8 linear on a 1-d input"
     if f.out is not None and not f.out.is_contiguous():
@@ -111,7 +125,8 @@ def _pack_conv(gm, node):
     x, w, b, stride, padding, dilation, _, _, groups = node.args[:9]
     packed = onednn.qconv_prepack(constant(gm, w), constant(gm, _q(node, "w_scale")),
                                   _q(node, "x_scale"), _q(node, "x_zp"), list(stride),
-                                  list(padding), list(dilation), groups, None)
+                                  list(padding), list(dilation), groups,
+                                  list(val(x).shape))  # oneDNN picks the weight format for it
     return _packed(gm, node, packed, "qconv_w")
 
 
