@@ -136,6 +136,10 @@ def test_peer_outputs_are_converted_back_like_the_model_returns_them():
     ONNX Runtime: a tuple of torch tensors in eager's order, equal to eager's."""
     import torch
     from bench.configs import CONFIGS
+    from bench.models import MODELS
+    missing = CONFIGS["onnxruntime"].applies(MODELS["tiny"])
+    if missing:  # the IPEX env installs no peers
+        pytest.skip(missing)
 
     class TwoInTwoOut(torch.nn.Module):
         def __init__(self):
