@@ -118,6 +118,11 @@ PEERS = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 def test_bench_smoke_peer(tmp_path, config):
     """The peer compiles TinyNet in its own worker, its output matches eager's (the
     harness's error check: rel err < 1e-4) and it reports its runtime's settings."""
+    from bench.configs import CONFIGS
+    from bench.models import MODELS
+    missing = CONFIGS[config].applies(MODELS["tiny"])
+    if missing:  # the IPEX env installs no peers; the main env's bench extra has them
+        pytest.skip(missing)
     data = run_smoke(tmp_path, "--configs", f"eager,{config}")
     rows = check_well_formed(data, tmp_path, ["eager", config])
     info = rows[config]["info"]
