@@ -175,8 +175,18 @@ def test_missing_peer_is_a_skipped_row_with_the_install_command():
     why = _peer_missing("surely_not_an_installed_module_xyz")
     assert "surely_not_an_installed_module_xyz not installed: pip install" in why
     assert "torch==2.13.0" in why
-    for name in ("openvino", "onnxruntime", "openvino_torch_compile"):  # installed here
-        assert CONFIGS[name].applies(MODELS["tiny"]) is None
+
+
+IPEX_ENV = __import__("importlib").util.find_spec("intel_extension_for_pytorch") is not None
+
+
+@pytest.mark.skipif(IPEX_ENV, reason="the IPEX env installs no peers (the main env's bench extra does)")
+def test_the_bench_extra_installs_every_peer():
+    from bench.configs import CONFIGS
+    from bench.models import MODELS
+    for name in ("openvino", "onnxruntime", "openvino_torch_compile", "openvino_int8",
+                 "fusepass_int8", "inductor_int8"):
+        assert CONFIGS[name].applies(MODELS["tiny"]) is None, name
 
 
 def test_bf16_rows_are_skip_rows_on_a_cpu_without_native_bf16(tmp_path):
