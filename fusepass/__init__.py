@@ -6,8 +6,11 @@
 """
 from fusepass import ops  # noqa: F401  (registers the fusepass:: ops)
 from fusepass.api import OptimizedGraphModule, explain, optimize
+from fusepass.deploy import InputMismatchError, load, save
 from fusepass.options import OptionError, Options
 from fusepass.report import Decision, Report
+from fusepass.serialize import DeployError, FormatError, SaveError, UnknownOpError, VersionError
 
 __all__ = ["optimize", "explain", "Options", "OptionError", "Report", "Decision",
-           "OptimizedGraphModule"]
+           "OptimizedGraphModule", "save", "load", "DeployError", "SaveError", "FormatError",
+           "VersionError", "UnknownOpError", "InputMismatchError"]
