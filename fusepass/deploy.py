@@ -96,7 +96,7 @@ def digest_of(obj: dict) -> str:
 def _constants(gm: fx.GraphModule) -> dict:
     out = {}
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target not in out:
+        if n.op == "get_attr" and n.users and n.target not in out:
             t = getattr(gm, n.target).detach()
             if t.layout != torch.strided:
                 raise SaveError(f"constant {n.target} is {t.layout}: only dense tensors are saved")
@@ -135,6 +135,9 @@ def write_atomic(obj: dict, path) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=".part")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a saved model is a plain file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
         os.replace(tmp, path)

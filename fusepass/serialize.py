@@ -184,6 +184,8 @@ def decode(a, env: dict):
 def graph_to_json(gm: fx.GraphModule) -> str:
     nodes = []
     for n in gm.graph.nodes:
+        if n.op == "get_attr" and not n.users:
+            continue  # a constant a fold replaced (passes leave them to the last stages)
         if n.op not in ("placeholder", "get_attr", "call_function", "output"):
             raise SaveError(f"node {n.name}: {n.op} nodes are not part of the IR")
         where = f"node {n.name}"
