@@ -226,7 +226,12 @@ def neutral(model: torch.nn.Module, example_inputs, options: Options, report: Re
     weights frozen, then ``NEUTRAL_STAGES``, as ``optimize`` does."""
     if not isinstance(model, torch.nn.Module):
         raise SaveError(f"fusepass.save takes an nn.Module, not a {type(model).__name__}")
-    training = [name or "(root)" for name, m in model.named_modules() if m.training]
+    from fusepass.api import _reads_training, training_sensitive
+    names = {m: name or "(root)" for name, m in model.named_modules()}
+    # modules whose flag changes what a call computes (api.training_sensitive); not the
+    # root of a GraphModule (an exported or PT2E-converted graph was traced already)
+    training = [names.get(m, "?") for m in training_sensitive(model) if m.training and not (
+        m is model and isinstance(model, fx.GraphModule)) and _reads_training(type(m))]
     if training:
         raise SaveError(f"{len(training)} module(s) in training mode ({', '.join(training[:3])}"
                         "...): fusepass.save writes an inference graph; call model.eval()")

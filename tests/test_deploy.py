@@ -120,6 +120,46 @@ def test_loaded_report_says_what_was_fused_and_what_was_lowered(tmp_path):
     assert meta["torch_version"] == torch.__version__ and meta["inputs"][0][0] == list(x.shape)
 
 
+class _QNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        return self.fc(torch.relu(self.c2(y) + y).mean((2, 3)))
+
+
+def int8_model():
+    """A PT2E-converted INT8 graph (torchao's X86InductorQuantizer, reduce_range for any CPU)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    torch.manual_seed(0)
+    model, x = _QNet().eval(), torch.randn(2, 3, 16, 16)
+    q = xiq.X86InductorQuantizer().set_global(
+        xiq.get_default_x86_inductor_quantization_config(reduce_range=True))
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), q)
+    prepared(x)
+    return convert_pt2e(prepared), x
+
+
+@pytest.mark.parametrize("build", [int8_model, lambda: (tiny()[0].to(torch.bfloat16),
+                                                        tiny()[1].to(torch.bfloat16))],
+                         ids=["int8_pt2e", "bf16"])
+def test_int8_and_bf16_models_save_and_load(build, tmp_path):
+    model, x = build()
+    ref = optimized(model, x)
+    fusepass.save(model, tmp_path / "m.fusepass", [x])
+    m = fusepass.load(tmp_path / "m.fusepass")
+    with torch.no_grad():
+        assert bitwise_equal(m(x), ref(x))
+    assert histogram(m.graph_module) == histogram(ref)
+    assert m.fusepass_report.kernels == ref.fusepass_report.kernels
+
+
 def test_saved_file_is_no_larger_than_the_state_dict(tmp_path):
     model, x = resnet()
     fusepass.save(model, tmp_path / "m.fusepass", [x])
