@@ -201,7 +201,8 @@ def check_versions(meta: dict, path="") -> None:
 
 def saved_options(meta: dict, overrides: dict, path="") -> Options:
     try:
-        return Options.from_kwargs({**meta["options"], **overrides})
+        saved = {k: v for k, v in dict(meta["options"]).items() if k not in NOT_SAVED}
+        return Options.from_kwargs({**saved, **overrides})
     except OptionError as e:
         if set(overrides) - set(Options.__dataclass_fields__):
             raise
@@ -283,8 +284,9 @@ class LoadedModule(torch.nn.Module):
     def __init__(self, gm, inputs, out_spec, report, meta):
         super().__init__()
         self.graph_module = gm
-        self.input_specs = [(tuple(s), tuple(st), d) for s, st, d, _ in inputs]
-        self._dtypes = [getattr(torch, d) for _, _, d, _ in inputs]
+        self.input_specs = [(tuple(v.shape), tuple(v.stride()), str(v.dtype).removeprefix("torch."))
+                            for v in inputs]
+        self._dtypes = [v.dtype for v in inputs]
         self._out_spec = out_spec
         self.fusepass_report = report
         self.fusepass_meta = meta
@@ -319,6 +321,9 @@ def load(path, **options) -> LoadedModule:
     from the file; every unreadable file is a ``FormatError`` saying why."""
     path = os.fspath(path)
     gm, meta = read(path)
+    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]  # re-derived
+    if meta["inputs"] != [tensor_spec(v) for v in inputs]:
+        raise FormatError(f"{path}: the input specs disagree with the graph's")
     opts = saved_options(meta, options, path)
     report = Report()
     report.decisions.extend(saved_decisions(meta, path))
@@ -329,4 +334,4 @@ def load(path, **options) -> LoadedModule:
                   f"{torch.backends.cpu.get_cpu_capability()}")
     gm = finish(gm, opts, report)
     gm.fusepass_report = report
-    return LoadedModule(gm, meta["inputs"], out_spec, report, meta)
+    return LoadedModule(gm, inputs, out_spec, report, meta)

@@ -233,39 +233,63 @@ def graph_from_json(text: str, tensors: dict) -> fx.GraphModule:
     g, env, saved = fx.Graph(), {}, {}
     for item in items:
         try:
-            name, op, target = item["name"], item["op"], item["target"]
-            args, kwargs, meta = item["args"], item["kwargs"], item["meta"]
-            assert isinstance(name, str) and isinstance(args, list) and isinstance(meta, dict)
-        except Exception:
-            raise FormatError(f"malformed node {str(item)[:80]!r}") from None
-        if op == "placeholder":
-            n = g.create_node("placeholder", name, name=name)
-        elif op == "get_attr":
-            if target not in tensors:
-                raise FormatError(f"node {name}: get_attr of {target!r}, which the file lacks")
-            n = g.create_node("get_attr", target, name=name)
-        elif op == "call_function":
-            kw = decode(kwargs, env)
-            if not isinstance(kw, dict):
-                raise FormatError(f"node {name}: kwargs are not a dict")
-            n = g.create_node("call_function", resolve(target), tuple(decode(args, env)), kw,
-                              name=name)
-        elif op == "output":
-            out = decode(args, env)
-            if len(out) != 1:
-                raise FormatError(f"node {name}: an output takes one argument")
-            n = g.output(out[0])
-        else:
-            raise FormatError(f"node {name}: unknown node kind {op!r}")
-        for k in META_KEYS:
-            if isinstance(meta.get(k), str):
-                n.meta[k] = meta[k]
-        if op != "output":
-            saved[n] = decode(meta.get("val"), env)
-        env[name] = n
+            _add_node(g, item, env, saved, tensors)
+        except DeployError:
+            raise
+        except Exception as e:  # deep nesting, unhashable keys, ...: data, not a crash
+            raise FormatError(f"malformed node {str(item)[:80]!r}: {type(e).__name__}") from None
     gm = fx.GraphModule(root, g)
     _derive_meta(gm, saved)
     return gm
+
+
+def _ident(name, what) -> str:
+    """Names end up in the Python code fx generates (a placeholder's target is a parameter
+    of ``forward``, a kwarg's key a keyword): only plain identifiers, or a file could
+    write code into it."""
+    if not (isinstance(name, str) and _IDENT.match(name) and not name.startswith("__")):
+        raise FormatError(f"{what} {str(name)[:80]!r} is not a plain identifier")
+    return name
+
+
+def _add_node(g, item, env, saved, tensors):
+    if not isinstance(item, dict) or set(item) != {"name", "op", "target", "args", "kwargs", "meta"}:
+        raise FormatError(f"malformed node {str(item)[:80]!r}")
+    name, op, target = _ident(item["name"], "node name"), item["op"], item["target"]
+    args, kwargs, meta = item["args"], item["kwargs"], item["meta"]
+    if not (isinstance(args, list) and isinstance(meta, dict) and name not in env):
+        raise FormatError(f"malformed node {name!r}")
+    if op != "call_function" and kwargs != {"dict": []}:
+        raise FormatError(f"node {name}: only calls take keyword arguments")
+    if op == "placeholder":
+        n = g.create_node("placeholder", name, name=name)
+    elif op == "get_attr":
+        if not isinstance(target, str) or target not in tensors:
+            raise FormatError(f"node {name}: get_attr of {str(target)[:80]!r}, which the file lacks")
+        n = g.create_node("get_attr", target, name=name)
+    elif op == "call_function":
+        kw = decode(kwargs, env)
+        if not isinstance(kw, dict):
+            raise FormatError(f"node {name}: kwargs are not a dict")
+        for k in kw:
+            _ident(k, f"node {name}: keyword")
+        n = g.create_node("call_function", resolve(target), tuple(decode(args, env)), kw,
+                          name=name)
+    elif op == "output":
+        out = decode(args, env)
+        if len(out) != 1:
+            raise FormatError(f"node {name}: an output takes one argument")
+        n = g.output(out[0])
+    else:
+        raise FormatError(f"node {name}: unknown node kind {str(op)[:40]!r}")
+    if n.name != name:
+        raise FormatError(f"node name {name!r} is taken")
+    for k in META_KEYS:
+        if isinstance(meta.get(k), str):
+            n.meta[k] = meta[k]
+    if op != "output":
+        saved[n] = decode(meta.get("val"), env)
+    env[name] = n
 
 
 def _fake(mode, spec):

@@ -330,6 +330,35 @@ def test_a_graph_that_does_not_check(saved, tmp_path):
         fusepass.load(path)
 
 
+CODE = "x=__import__('os').system('touch {}')"
+
+
+def _smuggle_name(g, code):
+    # a placeholder's name is a parameter of the generated forward: a default value there
+    # would run when the GraphModule is built
+    g["nodes"][0]["name"] = code + ",arg"
+
+
+def _smuggle_kwarg(g, code):
+    # a kwarg's key is written into the generated code as a keyword
+    n = next(n for n in g["nodes"] if n["op"] == "call_function")
+    n["kwargs"] = {"dict": [[code, 1]]}
+
+
+@pytest.mark.parametrize("smuggle", [_smuggle_name, _smuggle_kwarg], ids=["name", "kwarg"])
+def test_names_cannot_smuggle_code_into_the_generated_forward(saved, tmp_path, smuggle):
+    marker = tmp_path / "ran"
+
+    def edit(obj):
+        g = json.loads(obj["graph"])
+        smuggle(g, CODE.format(marker))
+        obj["graph"] = json.dumps(g)
+    path = rewrite(saved[0], tmp_path / "n.fusepass", edit)
+    with pytest.raises(fusepass.FormatError, match="not a plain identifier"):
+        fusepass.load(path)
+    assert not marker.exists()
+
+
 def test_inputs_that_do_not_match_the_saved_specs(saved):
     path, x = saved
     m = fusepass.load(path)
