@@ -75,6 +75,12 @@ def options_json(options: Options) -> dict:
     return out
 
 
+def input_spec(v):
+    """A tensor input's spec; a number input (Dynamo's sizes under dynamic=True, in cache
+    entries only: ``save`` takes tensors) is its value, which the graph was built for."""
+    return tensor_spec(v) if isinstance(v, torch.Tensor) else v
+
+
 def tensor_bytes(t: torch.Tensor):
     """``t``'s elements in logical order as a byte buffer (a copy when not contiguous)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -110,8 +116,8 @@ def payload(gm: fx.GraphModule, options: Options, out_spec, report: Report,
             extra: dict | None = None) -> dict:
     """The dict a file holds, for the target-neutral graph ``gm``."""
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    if not all(isinstance(v, torch.Tensor) for v in inputs):
-        raise SaveError("every input of a saved graph must be a tensor")
+    if not all(isinstance(v, (torch.Tensor, int, float)) for v in inputs):
+        raise SaveError("every input of a saved graph must be a tensor or a number")
     spec = None
     if out_spec is not None:
         try:
@@ -119,7 +125,7 @@ def payload(gm: fx.GraphModule, options: Options, out_spec, report: Report,
         except Exception as e:
             raise SaveError(f"the output structure {out_spec.type} cannot be saved: {e}") from None
     meta = {"fusepass_version": fusepass_version(), "torch_version": torch.__version__,
-            "options": options_json(options), "inputs": [tensor_spec(v) for v in inputs],
+            "options": options_json(options), "inputs": [input_spec(v) for v in inputs],
             "out_spec": spec, "report": [[d.stage, d.rule, d.node, d.action, d.reason]
                                          for d in report.decisions], "extra": extra or {}}
     obj = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta, allow_nan=False),
@@ -322,7 +328,9 @@ def load(path, **options) -> LoadedModule:
     path = os.fspath(path)
     gm, meta = read(path)
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]  # re-derived
-    if meta["inputs"] != [tensor_spec(v) for v in inputs]:
+    if not all(isinstance(v, torch.Tensor) for v in inputs):
+        raise FormatError(f"{path}: a graph with number inputs is a cache entry, not a model")
+    if meta["inputs"] != [input_spec(v) for v in inputs]:
         raise FormatError(f"{path}: the input specs disagree with the graph's")
     opts = saved_options(meta, options, path)
     report = Report()

@@ -313,6 +313,9 @@ def _derive_meta(gm: fx.GraphModule, saved: dict):
         want = _spec_tree(saved.get(n))
         try:
             if n.op == "placeholder":
+                if isinstance(saved.get(n), (int, float)) and not isinstance(saved[n], bool):
+                    n.meta["val"] = saved[n]  # a number input, as capture leaves it
+                    continue
                 if len(want) != 1 or saved[n] != want[0]:
                     raise FormatError("an input without a tensor spec")
                 n.meta["val"] = _fake(mode, want[0][1])

@@ -460,6 +460,31 @@ def test_the_cache_is_bounded(tmp_path, monkeypatch):
     assert list(tmp_path.glob("*" + SUFFIX)) == [entries[-1]]
 
 
+def test_cache_under_dynamic_shapes(tmp_path):
+    """dynamic=True hands the backend sizes as numbers: their values key the entry."""
+    from fusepass.backend import fusepass_backend
+    model = MODELS["tiny"].build(0)
+
+    def compile_and_run(batches):
+        seen = []
+
+        def backend(gm, example_inputs):  # a fresh identity: Dynamo compiles anew
+            seen.append(fusepass_backend(gm, example_inputs, options={"cache_dir": str(tmp_path)}))
+            return seen[-1]
+        f = torch.compile(model, backend=backend, dynamic=True)
+        with torch.no_grad():
+            outs = [f(MODELS["tiny"].inputs(b)[0]) for b in batches]
+        return outs, [r for c in seen for v in c.variants.values() for r in cache_reasons(v.report)]
+
+    first, reasons = compile_and_run([1, 2])
+    assert [r.split(":")[0] for r in reasons] == ["cache miss", "cache miss"]
+    second, reasons = compile_and_run([1, 2])
+    assert [r.split(":")[0] for r in reasons] == ["cache hit", "cache hit"]
+    assert all(bitwise_equal(a, b) for a, b in zip(first, second))
+    with torch.no_grad():
+        assert_close(second[1], model(MODELS["tiny"].inputs(2)[0]))
+
+
 COMPILE_WITH_CACHE = """
 import json, sys, torch
 from bench.models import MODELS
