@@ -27,6 +27,13 @@ change the captured graph, are in it), the options that change the result (not
 version too), the CPU's ISA (torch's capability and /proc/cpuinfo's flags: fusion asks
 which kernels this CPU has) and the thread count.
 
+Why the key is the *captured* (ATen) graph and not Dynamo's torch-level one, although
+keying before capture would let a hit skip capture too (~0.45 s of ResNet-18's ~2 s warm
+first call): capture reads process state the torch-level graph does not show (the
+default dtype of factory calls, SDPA backend flags, which decomposition runs), and
+``optimize()`` on a symbolic_traced graph calls modules whose configuration is not in the
+graph at all. The captured graph spells all of that out, so its key is exact.
+
 An entry that cannot be read or whose stored key is not its name's is reported, deleted
 and rebuilt, never served. Entries are written to a temporary file and ``os.replace``d:
 two processes writing one entry leave one of two complete files. The directory is

@@ -176,6 +176,29 @@ def test_load_can_lower_for_another_target(tmp_path):
         assert_close(m(x), model(x))
 
 
+class _TwoInTwoOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x, z):
+        y = torch.relu(self.conv(x)).mean((2, 3))
+        return {"logits": self.fc(y) + z, "features": [y, y * 2]}
+
+
+def test_several_inputs_and_a_dict_output(tmp_path):
+    torch.manual_seed(0)
+    model, x, z = _TwoInTwoOut().eval(), torch.randn(2, 3, 8, 8), torch.randn(2, 4)
+    with torch.no_grad():
+        ref = fusepass.optimize(model, [x, z])
+        want = ref(x, z)
+    fusepass.save(model, tmp_path / "m.fusepass", [x, z])
+    got = fusepass.load(tmp_path / "m.fusepass")(x, z)
+    assert isinstance(got, dict) and set(got) == {"logits", "features"}
+    assert isinstance(got["features"], list) and bitwise_equal(got, want)
+
+
 def test_save_refuses_a_training_model(tmp_path):
     model, x = tiny()
     with pytest.raises(fusepass.SaveError, match="training mode"):
