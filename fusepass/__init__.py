@@ -7,9 +7,12 @@
 """
 from fusepass import ops  # noqa: F401  (registers the fusepass:: ops)
 from fusepass.api import OptimizedGraphModule, explain, optimize
+from fusepass.deploy import InputMismatchError, load, save
 from fusepass.options import OptionError, Options
 from fusepass.quantization import quantize
 from fusepass.report import Decision, Report
+from fusepass.serialize import DeployError, FormatError, SaveError, UnknownOpError, VersionError
 
 __all__ = ["optimize", "explain", "quantize", "Options", "OptionError", "Report", "Decision",
-           "OptimizedGraphModule"]
+           "OptimizedGraphModule", "save", "load", "DeployError", "SaveError", "FormatError",
+           "VersionError", "UnknownOpError", "InputMismatchError"]

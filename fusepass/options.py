@@ -38,6 +38,9 @@ class Options:
     # (autocast's bf16 policy, fp32 at the graph's edges) where the target has native
     # bf16 kernels; decided per CPU before capture (fusepass/precision.py), reported.
     precision: str = "fp32"
+    # Compile cache directory (fusepass/cache.py): the target-neutral graph of each variant,
+    # keyed by the captured graph, its weights' digest, options, versions, CPU and threads.
+    cache_dir: str | None = field(default_factory=lambda: os.environ.get("FUSEPASS_CACHE_DIR") or None)
 
     @classmethod
     def from_kwargs(cls, options=None, **kwargs) -> "Options":
@@ -62,6 +65,8 @@ class Options:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise OptionError(f"{name}={v!r}; valid: a positive int")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise OptionError(f"cache_dir={self.cache_dir!r}; valid: a directory path or None")
         if self.lowering not in LOWERINGS:
             raise OptionError(f"lowering={self.lowering!r}; valid: {list(LOWERINGS)}")
         if self.precision not in PRECISIONS:

@@ -97,16 +97,26 @@ class _Undo:
         return gm
 
 
-def run_pipeline(gm, options, report, recapture=None):
+# The stages whose result is still target-neutral: what ``fusepass.save`` writes and the
+# compile cache stores (``fusepass/deploy.py``); the rest run where the graph runs.
+NEUTRAL_STAGES = tuple(name for name, _ in STAGES[:[n for n, _ in STAGES].index("lower")])
+TARGET_STAGES = tuple(name for name, _ in STAGES if name not in NEUTRAL_STAGES)
+
+
+def run_pipeline(gm, options, report, recapture=None, stages=None):
     """``recapture() -> GraphModule``, when given, rebuilds the captured graph: a failed
     pass is then undone by capturing again and replaying, instead of by a graph copy
-    taken before every pass."""
+    taken before every pass. ``stages``, when given, names the stages to run (in
+    ``STAGES`` order): ``NEUTRAL_STAGES`` or ``TARGET_STAGES``."""
     undo = _Undo(recapture, options)
-    passes = [undo.step(n, f, report) for n, f in STAGES if n == "lower" or options.enabled(n)]
+    passes = [undo.step(n, f, report) for n, f in STAGES
+              if (stages is None or n in stages) and (n == "lower" or options.enabled(n))]
     manager = PassManager(passes=passes, run_checks_after_each_pass=options.verify)
     if options.verify:
         manager.add_checks(verify)
-    return pin_constants(manager(gm).graph_module)
+    gm = manager(gm).graph_module
+    # constants stay buffers until the last stage: later passes find (and drop) them there
+    return pin_constants(gm) if stages is None or STAGES[-1][0] in stages else gm
 
 
 def verify(gm):

@@ -256,8 +256,11 @@ class Compiled:
                               "dynamic=True: module floats such as BatchNorm's eps and "
                               "momentum) specialized by value: another value rebuilds")
             watch = self._watch(full, lifted, cap, report)
-            gm = run_pipeline(cap.gm, self.options, report,
-                              recapture=lambda: capture(lifted, full, True, amp).gm)
+            pipeline = run_pipeline
+            if self.options.cache_dir:  # after capture and watch: freshness is unchanged
+                from fusepass.cache import cached_pipeline as pipeline
+            gm = pipeline(cap.gm, self.options, report,
+                          recapture=lambda: capture(lifted, full, True, amp).gm)
         except Exception as e:
             return self.unoptimized(lifted, report, f"{type(e).__name__}: {e}; running unoptimized",
                                     "fallback")

@@ -32,6 +32,7 @@ def verify_every_pass(monkeypatch):
     """graph.lint() + fake-tensor re-propagation (shapes, dtypes, strides) after every
     pass, in every test: ``Options.verify``'s default reads FUSEPASS_VERIFY."""
     monkeypatch.setenv("FUSEPASS_VERIFY", "1")
+    monkeypatch.delenv("FUSEPASS_CACHE_DIR", raising=False)  # a developer's cache: not in tests
 
 
 # The containment layers (a pass that raises is undone, a lowering error keeps the op, a

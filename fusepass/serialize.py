@@ -1,0 +1,355 @@
+"""The graph schema of a saved fusepass model: an IR graph as JSON data, and back.
+
+Why not pickle, Python source or ``torch.export``'s format: loading must never run code
+from a file. Here a graph is plain data — nodes with an op kind, a target named as a
+qualified op string (``"aten.add.Tensor"``, ``"fusepass.conv.default"``,
+``"operator.getitem"``), args/kwargs as JSON with node references, dtypes and memory
+formats by name — and a loader that resolves every target by lookup in an allowlist of
+op namespaces (``NAMESPACES``), never by import or eval. Any op of those namespaces
+serializes as it is (fusepass's own ops, the INT8 ones included, need no edit here);
+``torch.export``'s serializer would also serialize our ops, but it wants an
+ExportedProgram (a re-trace of a graph we already have) and a round trip through
+its own IR before lowering could run.
+
+Encoding of an argument (``encode``/``decode``): ``None``, bools, ints, strings and finite
+floats are themselves; a list is a JSON list; anything else is a one-key object:
+``{"node": name}``, ``{"tuple": [...]}``, ``{"dict": [[k, v], ...]}``, ``{"float": "nan"}``,
+``{"dtype": "float32"}``, ``{"memory_format": "channels_last"}``, ``{"layout": "strided"}``,
+``{"device": "cpu"}``, ``{"t": [shape, stride, dtype, offset]}`` (a tensor's spec, in
+metas only). A node is ``{"name", "op", "target", "args", "kwargs", "meta"}``; its meta
+keeps the spec of its value (``val``) and fusepass's string annotations
+(``fusepass_source``, ``fusepass_layout``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import re
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_flatten
+
+
+class DeployError(Exception):
+    """Base of every error fusepass.save / fusepass.load / the compile cache raise."""
+
+
+class SaveError(DeployError, ValueError):
+    """The model (or its optimized graph) cannot be written in the saved format."""
+
+
+class FormatError(DeployError, ValueError):
+    """Not a readable fusepass file: truncated, corrupted, modified, or its graph does not
+    check on load."""
+
+
+class VersionError(FormatError):
+    """A format version, torch or fusepass version this loader cannot serve."""
+
+
+class UnknownOpError(FormatError):
+    """The graph names an op outside the allowlist, or one this torch does not have."""
+
+
+def _quantized_decomposed():
+    from fusepass.ops import quantized_decomposed
+    quantized_decomposed()
+
+
+# namespace -> what makes its ops exist in this process (None: torch or fusepass has them)
+NAMESPACES = {"aten": None, "prims": None, "fusepass": None, "quantized": None,  # int8 max pool
+              "quantized_decomposed": _quantized_decomposed}
+PYTHON_TARGETS = {"operator.getitem": operator.getitem}
+META_KEYS = ("fusepass_source", "fusepass_layout")  # string annotations later passes read
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
+            "channels_last_3d": torch.channels_last_3d, "preserve_format": torch.preserve_format}
+_LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo, "_mkldnn": torch._mkldnn}
+
+
+def target_name(target) -> str:
+    for name, t in PYTHON_TARGETS.items():
+        if target is t:
+            return name
+    if isinstance(target, torch._ops.OpOverload):
+        ns, _, op = target._schema.name.partition("::")
+        if ns not in NAMESPACES:
+            raise SaveError(f"op {target} is in namespace {ns!r}, not one the saved format "
+                            f"allows ({sorted(NAMESPACES)})")
+        return f"{ns}.{op}.{target._overloadname or 'default'}"
+    raise SaveError(f"target {target!r} is neither an op of {sorted(NAMESPACES)} nor one of "
+                    f"{sorted(PYTHON_TARGETS)}")
+
+
+def resolve(name) -> object:
+    """The op a saved target names: lookup in ``torch.ops.<allowed namespace>`` only."""
+    if not isinstance(name, str):
+        raise UnknownOpError(f"op name {name!r} is not a string")
+    if name in PYTHON_TARGETS:
+        return PYTHON_TARGETS[name]
+    parts = name.split(".")
+    if (len(parts) != 3 or parts[0] not in NAMESPACES
+            or not all(_IDENT.match(p) and not p.startswith("__") for p in parts)):
+        raise UnknownOpError(f"unknown op {name!r}: the saved format allows ops of "
+                             f"{sorted(NAMESPACES)} and {sorted(PYTHON_TARGETS)}")
+    ns, op, overload = parts
+    if NAMESPACES[ns] is not None:
+        NAMESPACES[ns]()
+    try:
+        target = getattr(getattr(getattr(torch.ops, ns), op), overload)
+    except (AttributeError, RuntimeError) as e:
+        raise UnknownOpError(f"unknown op {name!r}: this torch {torch.__version__} / fusepass "
+                             f"has no such op ({type(e).__name__})") from None
+    if not isinstance(target, torch._ops.OpOverload):
+        raise UnknownOpError(f"{name!r} does not name an op overload")
+    return target
+
+
+def tensor_spec(t: torch.Tensor) -> list:
+    return [list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch."),
+            t.storage_offset()]
+
+
+def encode(a, where: str = ""):
+    if a is None or isinstance(a, (bool, int, str)):
+        return a
+    if isinstance(a, float):
+        return a if math.isfinite(a) else {"float": repr(a)}
+    if isinstance(a, fx.Node):
+        return {"node": a.name}
+    if isinstance(a, list):  # immutable_list too
+        return [encode(x, where) for x in a]
+    if isinstance(a, tuple):
+        return {"tuple": [encode(x, where) for x in a]}
+    if isinstance(a, dict):
+        return {"dict": [[encode(k, where), encode(v, where)] for k, v in a.items()]}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.memory_format):
+        return {"memory_format": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    if isinstance(a, torch.Tensor):
+        return {"t": tensor_spec(a)}
+    raise SaveError(f"cannot save a {type(a).__name__} argument ({where})")
+
+
+def _named(table, kind, name):
+    if not isinstance(name, str) or name not in table:
+        raise FormatError(f"unknown {kind} {name!r}")
+    return table[name]
+
+
+def decode(a, env: dict):
+    """``encode``'s inverse; ``env`` maps node names to the nodes built so far. Anything
+    else than the encodings above is a FormatError."""
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    if isinstance(a, list):
+        return [decode(x, env) for x in a]
+    if not (isinstance(a, dict) and len(a) == 1):
+        raise FormatError(f"malformed argument {str(a)[:80]!r}")
+    (kind, v), = a.items()
+    if kind == "node":
+        if v not in env:
+            raise FormatError(f"argument refers to node {v!r}, not defined before its use")
+        return env[v]
+    if kind == "tuple" and isinstance(v, list):
+        return tuple(decode(x, env) for x in v)
+    if kind == "dict" and isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v):
+        return {decode(k, env): decode(x, env) for k, x in v}
+    if kind == "float" and v in ("nan", "inf", "-inf"):
+        return float(v)
+    if kind == "dtype":
+        return _named(_DTYPES, "dtype", v)
+    if kind == "memory_format":
+        return _named(_FORMATS, "memory format", v)
+    if kind == "layout":
+        return _named(_LAYOUTS, "layout", v)
+    if kind == "device":
+        if v != "cpu":
+            raise FormatError(f"device {v!r}: fusepass graphs run on the CPU")
+        return torch.device(v)
+    if kind == "t" and isinstance(v, list) and len(v) == 4:
+        return ("t", v)  # a tensor spec: only metas hold them
+    raise FormatError(f"malformed argument {str(a)[:80]!r}")
+
+
+def graph_to_json(gm: fx.GraphModule) -> str:
+    nodes = []
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and not n.users:
+            continue  # a constant a fold replaced (passes leave them to the last stages)
+        if n.op not in ("placeholder", "get_attr", "call_function", "output"):
+            raise SaveError(f"node {n.name}: {n.op} nodes are not part of the IR")
+        where = f"node {n.name}"
+        if n.op == "call_function":
+            target = target_name(n.target)
+        elif n.op == "get_attr":
+            if not _IDENT.match(n.target) or not isinstance(getattr(gm, n.target, None), torch.Tensor):
+                raise SaveError(f"{where}: get_attr {n.target!r} is not a tensor attribute")
+            target = n.target
+        else:
+            target = None
+        meta = {k: n.meta[k] for k in META_KEYS if isinstance(n.meta.get(k), str)}
+        if n.op != "output" and "val" in n.meta:
+            meta["val"] = encode(n.meta["val"], where + " meta")
+        nodes.append({"name": n.name, "op": n.op, "target": target,
+                      "args": encode(list(n.args), where), "kwargs": encode(dict(n.kwargs), where),
+                      "meta": meta})
+    return json.dumps({"nodes": nodes}, separators=(",", ":"), allow_nan=False)
+
+
+def _spec_tree(v):
+    """A decoded meta: tensor specs as ("t", spec) tuples within lists/tuples."""
+    if isinstance(v, tuple) and len(v) == 2 and v[0] == "t":
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [s for x in v for s in _spec_tree(x)]
+    return []
+
+
+def graph_from_json(text: str, tensors: dict) -> fx.GraphModule:
+    """Rebuild the GraphModule: constants as buffers (as capture registers them), every
+    node's ``meta["val"]`` re-derived by fake propagation and compared with the saved
+    spec (a graph that does not check is a FormatError, not a crash in lowering)."""
+    try:
+        data = json.loads(text)
+        items = data["nodes"]
+        assert isinstance(items, list)
+    except Exception as e:
+        raise FormatError(f"graph is not valid JSON of the schema: {type(e).__name__}: {e}") from None
+    root = torch.nn.Module()
+    for name, t in tensors.items():
+        if not (isinstance(name, str) and _IDENT.match(name) and isinstance(t, torch.Tensor)):
+            raise FormatError(f"tensor entry {name!r} is not a named tensor")
+        root.register_buffer(name, t, persistent=False)
+    g, env, saved = fx.Graph(), {}, {}
+    for item in items:
+        try:
+            _add_node(g, item, env, saved, tensors)
+        except DeployError:
+            raise
+        except Exception as e:  # deep nesting, unhashable keys, ...: data, not a crash
+            raise FormatError(f"malformed node {str(item)[:80]!r}: {type(e).__name__}") from None
+    gm = fx.GraphModule(root, g)
+    _derive_meta(gm, saved)
+    return gm
+
+
+def _ident(name, what) -> str:
+    """Names end up in the Python code fx generates (a placeholder's target is a parameter
+    of ``forward``, a kwarg's key a keyword): only plain identifiers, or a file could
+    write code into it."""
+    if not (isinstance(name, str) and _IDENT.match(name) and not name.startswith("__")):
+        raise FormatError(f"{what} {str(name)[:80]!r} is not a plain identifier")
+    return name
+
+
+def _add_node(g, item, env, saved, tensors):
+    if not isinstance(item, dict) or set(item) != {"name", "op", "target", "args", "kwargs", "meta"}:
+        raise FormatError(f"malformed node {str(item)[:80]!r}")
+    name, op, target = _ident(item["name"], "node name"), item["op"], item["target"]
+    args, kwargs, meta = item["args"], item["kwargs"], item["meta"]
+    if not (isinstance(args, list) and isinstance(meta, dict) and name not in env):
+        raise FormatError(f"malformed node {name!r}")
+    if op != "call_function" and kwargs != {"dict": []}:
+        raise FormatError(f"node {name}: only calls take keyword arguments")
+    if op == "placeholder":
+        n = g.create_node("placeholder", name, name=name)
+    elif op == "get_attr":
+        if not isinstance(target, str) or target not in tensors:
+            raise FormatError(f"node {name}: get_attr of {str(target)[:80]!r}, which the file lacks")
+        n = g.create_node("get_attr", target, name=name)
+    elif op == "call_function":
+        kw = decode(kwargs, env)
+        if not isinstance(kw, dict):
+            raise FormatError(f"node {name}: kwargs are not a dict")
+        for k in kw:
+            _ident(k, f"node {name}: keyword")
+        n = g.create_node("call_function", resolve(target), tuple(decode(args, env)), kw,
+                          name=name)
+    elif op == "output":
+        out = decode(args, env)
+        if len(out) != 1:
+            raise FormatError(f"node {name}: an output takes one argument")
+        n = g.output(out[0])
+    else:
+        raise FormatError(f"node {name}: unknown node kind {str(op)[:40]!r}")
+    if n.name != name:
+        raise FormatError(f"node name {name!r} is taken")
+    for k in META_KEYS:
+        if isinstance(meta.get(k), str):
+            n.meta[k] = meta[k]
+    if op != "output":
+        saved[n] = decode(meta.get("val"), env)
+    env[name] = n
+
+
+def _fake(mode, spec):
+    """A fresh fake value of a saved spec (its storage offset does not matter to one)."""
+    shape, stride, dtype, _ = spec
+    with mode:
+        return torch.empty_strided(shape, stride, dtype=_named(_DTYPES, "dtype", dtype))
+
+
+def _derive_meta(gm: fx.GraphModule, saved: dict):
+    from fusepass.ir import as_cpu_kernel_writes
+    from fusepass.pipeline import same_strides
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def val(a):
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        want = _spec_tree(saved.get(n))
+        try:
+            if n.op == "placeholder":
+                if isinstance(saved.get(n), (int, float)) and not isinstance(saved[n], bool):
+                    n.meta["val"] = saved[n]  # a number input, as capture leaves it
+                    continue
+                if len(want) != 1 or saved[n] != want[0]:
+                    raise FormatError("an input without a tensor spec")
+                n.meta["val"] = _fake(mode, want[0][1])
+                continue
+            if n.op == "get_attr":
+                n.meta["val"] = mode.from_tensor(getattr(gm, n.target), static_shapes=True)
+            else:
+                args = fx.node.map_arg(n.args, val)
+                kwargs = fx.node.map_arg(n.kwargs, val)
+                with mode:
+                    n.meta["val"] = as_cpu_kernel_writes(n, n.target(*args, **kwargs))
+        except FormatError as e:
+            raise FormatError(f"node {n.name}: {e}") from None
+        except Exception as e:
+            raise FormatError(f"node {n.name} ({n.target}) does not check on load: "
+                              f"{type(e).__name__}: {e}") from None
+        got = [t for t in tree_flatten(n.meta["val"])[0] if isinstance(t, torch.Tensor)]
+        if len(got) != len(want):
+            raise FormatError(f"node {n.name}: {len(got)} tensor value(s), the file says {len(want)}")
+        for i, (g, (_, (shape, stride, dtype, _off))) in enumerate(zip(got, want)):
+            w = _fake(mode, (shape, stride, dtype, 0))
+            if g.shape != w.shape or g.dtype != w.dtype or not same_strides(g, w):
+                raise FormatError(
+                    f"node {n.name} propagates to {tuple(g.shape)}/{g.dtype}/{tuple(g.stride())}"
+                    f" but the file says {tuple(shape)}/{dtype}/{tuple(stride)}")
+            if tuple(g.stride()) != tuple(stride):  # size-1 dims: keep what the saver saw
+                n.meta["val"] = _restride(n.meta["val"], i, w)
+
+
+def _restride(v, i, w):
+    if isinstance(v, torch.Tensor):
+        return w
+    leaves, spec = tree_flatten(v)
+    idx = [j for j, x in enumerate(leaves) if isinstance(x, torch.Tensor)][i]
+    leaves[idx] = w
+    from torch.utils._pytree import tree_unflatten
+    return tree_unflatten(leaves, spec)
