@@ -46,8 +46,12 @@ def _composite_implicit(op) -> bool:
     dense tensor): its schema cannot say so, and torch's ``maybe_aliasing_or_mutating``
     tag marks only some of them."""
     name = getattr(op, "name", None)
-    return callable(name) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        name(), "CompositeImplicitAutograd")
+    if not callable(name):
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name(), "CompositeImplicitAutograd")
+    except RuntimeError:  # not a dispatcher op (IPEX's TorchScript-only ipex_prepack::*)
+        return False
 
 
 def _arg_nodes(a):
