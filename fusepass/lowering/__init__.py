@@ -120,14 +120,14 @@ def _split(gm, node, targets):
     op is expanded to ATen), the tail becomes ATen ops on its result."""
     form = Form.of_node(node)
     cut = len(fp.chain_of(node)[1]) - 1
-    while cut > 0:
+    while cut >= 0:  # down to the bare op: it may still have a kernel
         head, sc, o = chain_prefix(node, cut)
         f = Form(form.op, form.x, form.weight, form.bias, form.other if o is not None else None,
                  tuple(head), tuple(sc), form.out, form.transposed, form.groups)
         if why_not(targets, f, late=True) is None:
-            break
+            return cut_chain(gm, node, cut, expand_empty=False)
         cut -= 1
-    return cut_chain(gm, node, cut)
+    return cut_chain(gm, node, 0)  # not even the bare op: plain ATen
 
 
 def chain_prefix(node, cut):
