@@ -56,15 +56,16 @@ def linear_reference(x, weight, bias, other, post, scalars):
 
 
 _lib = torch.library.Library("fusepass", "DEF")
-_lib.define(
-    "conv(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
-    "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
-    "Tensor? other, str[] post, float[] scalars) -> Tensor"
-)
-_lib.define(
-    "linear(Tensor x, Tensor weight, Tensor? bias, Tensor? other, str[] post, "
-    "float[] scalars) -> Tensor"
-)
+# The schemas, from their parts: a conv's or a linear's own arguments, then the post-op
+# chain; the int8 forms append their quantization parameters (below).
+_CONV_ARGS = ("Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
+              "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups")
+_LINEAR_ARGS = "Tensor x, Tensor weight, Tensor? bias"
+_CHAIN_ARGS = "Tensor? other, str[] post, float[] scalars"
+_QPARAM_ARGS = ("float x_scale, int x_zp, Tensor w_scale, Tensor w_zp, float out_scale, "
+                "int out_zp, ScalarType? out_dtype, float other_scale, int other_zp")
+_lib.define(f"conv({_CONV_ARGS}, {_CHAIN_ARGS}) -> Tensor")
+_lib.define(f"linear({_LINEAR_ARGS}, {_CHAIN_ARGS}) -> Tensor")
 # The reference kernels serve every backend key (CPU, Meta, fake): they are plain ATen.
 _lib.impl("conv", conv_reference, "CompositeExplicitAutograd")
 _lib.impl("linear", linear_reference, "CompositeExplicitAutograd")
@@ -81,18 +82,8 @@ linear = torch.ops.fusepass.linear.default
 # parameters follow: the output is quantized with (out_scale, out_zp) to ``out_dtype``,
 # or float32 when it is None; a quantized ``other`` (the residual of an int8-output
 # conv) carries (other_scale, other_zp), a float one 1.0 and 0.
-_lib.define(
-    "qconv(Tensor x, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
-    "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
-    "Tensor? other, str[] post, float[] scalars, float x_scale, int x_zp, Tensor w_scale, "
-    "Tensor w_zp, float out_scale, int out_zp, ScalarType? out_dtype, float other_scale, "
-    "int other_zp) -> Tensor"
-)
-_lib.define(
-    "qlinear(Tensor x, Tensor weight, Tensor? bias, Tensor? other, str[] post, "
-    "float[] scalars, float x_scale, int x_zp, Tensor w_scale, Tensor w_zp, float out_scale, "
-    "int out_zp, ScalarType? out_dtype, float other_scale, int other_zp) -> Tensor"
-)
+_lib.define(f"qconv({_CONV_ARGS}, {_CHAIN_ARGS}, {_QPARAM_ARGS}) -> Tensor")
+_lib.define(f"qlinear({_LINEAR_ARGS}, {_CHAIN_ARGS}, {_QPARAM_ARGS}) -> Tensor")
 _qd = None
 
 
@@ -164,12 +155,18 @@ QUANTIZED_OPS = (qconv, qlinear)
 REFERENCE = {conv: conv_reference, linear: linear_reference, qconv: qconv_reference,
              qlinear: qlinear_reference}
 
+
+
+def _positions(op, names: str) -> dict:
+    """Argument positions of ``op`` by name, read from its schema."""
+    index = {a.name: i for i, a in enumerate(op._schema.arguments)}
+    return {n.split()[-1]: index[n.split()[-1]] for n in names.split(", ")}
+
+
 # Positions of the chain arguments, shared by passes that read or extend a chain.
-CHAIN_ARGS = {conv: (9, 10, 11), linear: (3, 4, 5), qconv: (9, 10, 11), qlinear: (3, 4, 5)}
+CHAIN_ARGS = {op: tuple(_positions(op, _CHAIN_ARGS).values()) for op in FUSED_OPS}
 # Positions of the quantization parameters of the int8 ops, by name.
-QPARAMS = {op: dict(zip(("x_scale", "x_zp", "w_scale", "w_zp", "out_scale", "out_zp",
-                         "out_dtype", "other_scale", "other_zp"), range(start, start + 9)))
-           for op, start in ((qconv, 12), (qlinear, 6))}
+QPARAMS = {op: _positions(op, _QPARAM_ARGS) for op in QUANTIZED_OPS}
 
 
 def family_of(target) -> str:

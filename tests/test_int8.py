@@ -163,6 +163,21 @@ CONV_CASES = [(post, res, rq) for post in CONV_POST for res, rq in
     for rq in (False, True)]
 
 
+def check_row(m, x, r, rule, kernel, requant):
+    """What every int8 row test checks: numerics against the module (the q/dq
+    decomposition run eagerly) on the onednn and the reference lowering, one ``kernel``,
+    one rewrite by ``rule`` and, if ``requant``, one by its ``.requant`` row."""
+    opt = optimize(m, [x, r])
+    check_numerics(m, opt, x, r)
+    h = histogram(opt)
+    assert h[kernel] == 1, h
+    assert [a for a, _ in actions(opt, rule)] == ["rewritten"], actions(opt, rule)
+    if requant:
+        assert [a for a, _ in actions(opt, rule + ".requant")] == ["rewritten"]
+    check_numerics(m, optimize(m, [x, r], lowering="reference"), x, r)
+    return opt, h
+
+
 @pytest.mark.parametrize("post,residual,requant", CONV_CASES)
 @settings(max_examples=examples(6))
 @given(s=conv_shapes)
@@ -171,24 +186,17 @@ def test_qconv_rows(post, residual, requant, s):
     y_shape = conv(x).shape
     r = torch.randn(y_shape) if residual else torch.zeros(1)  # unused without a residual
     m = QOp(conv, CONV_POST[post], 127, residual, requant, x, r if residual else None).eval()
-    opt = optimize(m, [x, r])
-    check_numerics(m, opt, x, r)
-    h = histogram(opt)
     kernel = "onednn.qconv2d_pointwise.binary" if residual else "onednn.qconv_pointwise"
-    assert h[kernel] == 1, h
-    assert actions(opt, "int8.qconv2d") == [("rewritten", actions(opt, "int8.qconv2d")[0][1])]
-    if requant and residual == "float":  # the sum writes into the residual: not a u8 one
+    sums_into_float = requant and residual == "float"  # the sum writes into the residual
+    opt, h = check_row(m, x, r, "int8.qconv2d", kernel, requant and not sums_into_float)
+    if sums_into_float:  # ... which is not a u8 one: the output stays fp32 and is quantized
         (action, reason), = actions(opt, "int8.qconv2d.requant")
         assert action == "declined" and "residual dtype torch.float32" in reason, reason
         assert h["quantized_decomposed.quantize_per_tensor"] == 2, h  # input's, output's
-    elif requant:
-        assert actions(opt, "int8.qconv2d.requant")[0][0] == "rewritten"
-        # the input's quantize (and the residual's) stay; the output's is the kernel's
+    elif requant:  # the input's quantize (and the residual's) stay; the output's is the kernel's
         assert h["quantized_decomposed.quantize_per_tensor"] == 1 + (residual is not None), h
     if requant and residual == "quantized":
         assert actions(opt, "int8.qconv2d.qaccum")[0][0] == "rewritten"
-    ref = optimize(m, [x, r], lowering="reference")
-    check_numerics(m, ref, x, r)
 
 
 linear_shapes = st.fixed_dictionaries({
@@ -208,15 +216,8 @@ def test_qlinear_rows(post, residual, requant, s):
     x = torch.randn(*s["lead"], s["cin"])
     r = torch.randn(*s["lead"], s["cout"]) if residual else torch.zeros(1)
     m = QOp(lin, LINEAR_POST[post], 127, residual, requant, x, r if residual else None).eval()
-    opt = optimize(m, [x, r])
-    check_numerics(m, opt, x, r)
-    h = histogram(opt)
     kernel = "onednn.qlinear_pointwise.binary" if residual else "onednn.qlinear_pointwise"
-    assert h[kernel] == 1, h
-    assert actions(opt, "int8.qlinear")[0][0] == "rewritten"
-    if requant:
-        assert actions(opt, "int8.qlinear.requant")[0][0] == "rewritten"
-    check_numerics(m, optimize(m, [x, r], lowering="reference"), x, r)
+    check_row(m, x, r, "int8.qlinear", kernel, requant)
 
 
 NO_R = torch.zeros(1)  # the residual input of a layer without one (unused)
