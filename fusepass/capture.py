@@ -213,6 +213,10 @@ class Captured:
 
 
 BN_TRAINING = "BatchNorm in training mode updates its statistics"
+# The training-mode batch norms that update their running statistics in place without
+# their schema saying so (torch 2.13 captures native_batch_norm, torch 2.8 — the IPEX env —
+# _native_batch_norm_legit); args 3, 4 are the statistics, 5 the training flag in each.
+BN_UPDATING = (aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
 
 
 def written(gm: fx.GraphModule) -> dict:
@@ -224,7 +228,7 @@ def written(gm: fx.GraphModule) -> dict:
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
-        if n.target is aten.native_batch_norm.default and n.args[5]:
+        if n.target in BN_UPDATING and n.args[5]:
             out.update((a, BN_TRAINING) for a in n.args[3:5] if isinstance(a, fx.Node))
         schema = getattr(n.target, "_schema", None)
         for i, a in enumerate(schema.arguments if schema is not None else ()):

@@ -200,8 +200,10 @@ def test_conv_rows_numerics_vs_eager(row, data, seed):
         expected = m(x, t)
         got = gm(x, t)
     # where eager lays the result out otherwise than the fused kernel would write it
-    # (size-1 dims count: C == 1 mixed layouts), the row declines; the strides below hold
-    layout = [r for r in declined(rep, row) if "oneDNN's conv writes" in r or "lays the result out" in r]
+    # (size-1 dims count: C == 1 mixed layouts), or where torch 2.8's oneDNN cannot take
+    # such a layout at all (the IPEX env), the row declines; the strides below hold
+    layout = [r for r in declined(rep, row) if "oneDNN's conv writes" in r
+              or "lays the result out" in r or "cannot create the memory" in r]
     want = {row: 1} | ({f"{family}.relu": 1} if case["relu"] else {})
     if layout:
         want = {}

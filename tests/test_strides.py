@@ -62,6 +62,19 @@ def test_conv3d_fed_channels_last_stays_contiguous_like_eager():
           torch.randn(1, 4, 6, 6, 6).to(memory_format=torch.channels_last_3d))
 
 
+def _fake_conv1d_strides_are_real() -> bool:
+    """torch 2.8 (the IPEX env) reports (24, 12, 1) for this conv under FakeTensorMode
+    where its kernel returns (24, 1, 2); capture traces with fake tensors, so no pass can
+    know eager's strides there. torch 2.13's agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, w = torch.randn(3, 12).reshape(-1, 12, 1).permute(0, 2, 1), torch.randn(2, 1, 1)
+    with FakeTensorMode() as mode:
+        fake = torch.conv1d(mode.from_tensor(x), mode.from_tensor(w)).stride()
+    return fake == torch.conv1d(x, w).stride()
+
+
+@pytest.mark.skipif(not _fake_conv1d_strides_are_real(),
+                    reason="this torch's fake conv1d strides differ from its kernel's")
 def test_conv1d_on_a_permuted_input():
     check(nn.Conv1d(1, 2, 1, bias=False), torch.randn(3, 12).reshape(-1, 12, 1).permute(0, 2, 1))
 

@@ -11,6 +11,8 @@ unary after it; no transposed conv.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -78,7 +80,7 @@ def conv_check(f):
 def conv_binary_check(f):
     if f.x is not None and f.x.dim() not in (4, 5):
         return "oneDNN's binary conv kernels take 2-d and 3-d convolutions only"
-    return conv_check(f) or _same_shape_reason(f)
+    return conv_check(f) or _same_shape_reason(f) or ambiguous_output_reason(f)
 
 
 def lower_conv(gm, node):
@@ -138,12 +140,42 @@ def lower_conv_binary(gm, node):
     return "mkldnn._convolution_pointwise.binary", new
 
 
+@functools.cache
+def binary_one_channel_works() -> bool:
+    """torch 2.8's oneDNN (the IPEX env) raises "could not create a memory" for a binary
+    conv run channels-last whose output is one channel or one pixel (not both: a
+    layout-ambiguous output; measured over C in 1..3, HxW in 1x1, 1x2, 2x2); torch 2.13's
+    runs them all. The cases are degenerate convs; declining them costs nothing that
+    counts. Probed once on a 1x4x2x2 input, as the kernel would be called."""
+    x = torch.randn(1, 4, 2, 2).to(memory_format=torch.channels_last)
+    other = torch.randn(1, 1, 2, 2).to(memory_format=torch.channels_last)
+    try:
+        mkldnn._convolution_pointwise.binary(x, other, torch.randn(1, 4, 1, 1), None, [0, 0],
+                                             [1, 1], [1, 1], 1, "add", None, None, [], None)
+        return True
+    except RuntimeError:
+        return False
+
+
+def ambiguous_output_reason(f):
+    """``binary_one_channel_works``'s case. Whatever the input's layout: the kernel runs
+    channels-last with a packed weight too (prepack_weights decides that after lowering),
+    and a contiguous one-channel input failed the same way."""
+    y = f.out
+    if (isinstance(y, torch.Tensor) and y.dim() == 4
+            and (y.shape[1] == 1) != (y.shape[2] * y.shape[3] == 1)
+            and not binary_one_channel_works()):
+        return (f"torch {torch.__version__}'s oneDNN cannot create the memory of a "
+                "binary conv with one output channel or one output pixel (probed)")
+    return None
+
+
 def conv_binary_layout_check(f):
     """What only lowering can check: the layout the kernel sees (propagate_layout, which
     runs after fusion, may still make a conv channels-last)."""
     if f.dtype == torch.bfloat16 and list(f.post) == ["add", "relu"]:
         return bf16_add_relu_reason(f.x, f.weight, f.groups)
-    return None
+    return ambiguous_output_reason(f)
 
 
 def linear_check(f):
