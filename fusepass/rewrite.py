@@ -150,17 +150,30 @@ def evaluate_constants(gm, new_nodes, result):
     as (or written through) a new weight. Returns ``result``, or its constant."""
     values, known = {}, {}
 
-    def value(a):  # the value of a constant expression (a user-written one too), or None
-        if a not in known:
+    def value(root):  # the value of a constant expression (a user-written one too), or None
+        # iterative post-order: the expression may reach back through the whole graph
+        # (a deep net's activations are no constants, but finding that out walks them)
+        stack = [root]
+        while stack:
+            a = stack[-1]
+            if a in known:
+                stack.pop()
+                continue
             if a.op == "get_attr":
                 known[a] = getattr(gm, a.target)
-            elif a.op == "call_function" and a.all_input_nodes and all(
-                    value(i) is not None for i in a.all_input_nodes):
-                known[a] = a.target(*fx.node.map_arg(a.args, value),
-                                    **fx.node.map_arg(a.kwargs, value))
-            else:
+            elif a.op != "call_function" or not a.all_input_nodes:
                 known[a] = None
-        return known[a]
+            elif any(known.get(i, 0) is None for i in a.all_input_nodes):
+                known[a] = None
+            else:
+                todo = [i for i in a.all_input_nodes if i not in known]
+                if todo:
+                    stack.extend(todo)
+                    continue
+                known[a] = a.target(*fx.node.map_arg(a.args, known.__getitem__),
+                                    **fx.node.map_arg(a.kwargs, known.__getitem__))
+            stack.pop()
+        return known[root]
 
     with torch.no_grad():
         for n in new_nodes:
