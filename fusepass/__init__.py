@@ -7,6 +7,7 @@
 """
 from fusepass import ops  # noqa: F401  (registers the fusepass:: ops)
 from fusepass.api import OptimizedGraphModule, explain, optimize
+from fusepass.errors import GraphError
 from fusepass.deploy import InputMismatchError, load, save
 from fusepass.options import OptionError, Options
 from fusepass.quantization import quantize
@@ -15,4 +16,4 @@ from fusepass.serialize import DeployError, FormatError, SaveError, UnknownOpErr
 
 __all__ = ["optimize", "explain", "quantize", "Options", "OptionError", "Report", "Decision",
            "OptimizedGraphModule", "save", "load", "DeployError", "SaveError", "FormatError",
-           "VersionError", "UnknownOpError", "InputMismatchError"]
+           "VersionError", "UnknownOpError", "InputMismatchError", "GraphError"]

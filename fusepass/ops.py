@@ -84,6 +84,11 @@ linear = torch.ops.fusepass.linear.default
 # conv) carries (other_scale, other_zp), a float one 1.0 and 0.
 _lib.define(f"qconv({_CONV_ARGS}, {_CHAIN_ARGS}, {_QPARAM_ARGS}) -> Tensor")
 _lib.define(f"qlinear({_LINEAR_ARGS}, {_CHAIN_ARGS}, {_QPARAM_ARGS}) -> Tensor")
+# Dynamic quantization (``quantize(..., dynamic=True)``): the activation's scale and zero
+# point are computed per call (``choose_qparams.tensor`` in the graph), so they are tensors.
+_lib.define("qlinear.tensor({}, {}, {}) -> Tensor".format(
+    _LINEAR_ARGS, _CHAIN_ARGS, _QPARAM_ARGS.replace("float x_scale, int x_zp",
+                                                    "Tensor x_scale, Tensor x_zp")))
 _qd = None
 
 
@@ -109,7 +114,9 @@ def _dtype(t):
 def _dq_x(x, scale, zp):
     dtype = _dtype(x)
     lo, hi = QRANGE[dtype]
-    return quantized_decomposed().dequantize_per_tensor.default(x, scale, zp, lo, hi, dtype)
+    per_call = isinstance(scale, (torch.Tensor, torch.fx.Proxy))  # dynamic quantization
+    op = quantized_decomposed().dequantize_per_tensor
+    return (op.tensor if per_call else op.default)(x, scale, zp, lo, hi, dtype)
 
 
 def _dq_w(w, scale, zp):
@@ -144,16 +151,19 @@ def qlinear_reference(x, weight, bias, other, post, scalars, x_scale, x_zp, w_sc
 
 _lib.impl("qconv", qconv_reference, "CompositeExplicitAutograd")
 _lib.impl("qlinear", qlinear_reference, "CompositeExplicitAutograd")
+_lib.impl("qlinear.tensor", qlinear_reference, "CompositeExplicitAutograd")
 torch.library.register_fake("fusepass::qconv", qconv_reference, lib=_lib)
 torch.library.register_fake("fusepass::qlinear", qlinear_reference, lib=_lib)
+torch.library.register_fake("fusepass::qlinear.tensor", qlinear_reference, lib=_lib)
 qconv = torch.ops.fusepass.qconv.default
 qlinear = torch.ops.fusepass.qlinear.default
+qlinear_dynamic = torch.ops.fusepass.qlinear.tensor
 
-FUSED_OPS = (conv, linear, qconv, qlinear)
+FUSED_OPS = (conv, linear, qconv, qlinear, qlinear_dynamic)
 CONV_OPS = (conv, qconv)
-QUANTIZED_OPS = (qconv, qlinear)
+QUANTIZED_OPS = (qconv, qlinear, qlinear_dynamic)
 REFERENCE = {conv: conv_reference, linear: linear_reference, qconv: qconv_reference,
-             qlinear: qlinear_reference}
+             qlinear: qlinear_reference, qlinear_dynamic: qlinear_reference}
 
 
 
@@ -171,7 +181,8 @@ QPARAMS = {op: _positions(op, _QPARAM_ARGS) for op in QUANTIZED_OPS}
 
 def family_of(target) -> str:
     """The registry's family name of a fused op: conv, linear, qconv, qlinear."""
-    return {conv: "conv", linear: "linear", qconv: "qconv", qlinear: "qlinear"}[target]
+    return {conv: "conv", linear: "linear", qconv: "qconv", qlinear: "qlinear",
+            qlinear_dynamic: "qlinear"}[target]
 
 
 def chain_of(node) -> tuple:

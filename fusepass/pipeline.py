@@ -20,6 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fusepass.errors import GraphError
 from fusepass.ir import as_cpu_kernel_writes, pin_constants
 from fusepass.lowering import lower
 from fusepass.passes.fold_batchnorm import fold_batchnorm
@@ -76,6 +77,8 @@ class _Undo:
             snap = None if self.recapture else _snapshot(gm)
             try:
                 result = fn(gm, options=self.options, report=report)
+            except GraphError:  # the input's fault, not the pass's: to the user
+                raise
             except Exception as e:
                 report.record(name, "-", "-", "error", f"{type(e).__name__}: {e} (pass undone)")
                 if snap is None:
@@ -114,7 +117,15 @@ def run_pipeline(gm, options, report, recapture=None, stages=None):
     manager = PassManager(passes=passes, run_checks_after_each_pass=options.verify)
     if options.verify:
         manager.add_checks(verify)
-    gm = manager(gm).graph_module
+    try:
+        gm = manager(gm).graph_module
+    except Exception as e:  # PassManager wraps what a pass raised: a GraphError goes out as is
+        cause = e
+        while cause is not None and not isinstance(cause, GraphError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
     # constants stay buffers until the last stage: later passes find (and drop) them there
     return pin_constants(gm) if stages is None or STAGES[-1][0] in stages else gm
 

@@ -45,6 +45,7 @@ from torch.utils import _pytree as pytree
 
 from fusepass import precision
 from fusepass.check import check_variant
+from fusepass.errors import GraphError
 from fusepass.capture import Lifted, capture, inference_reason, lift_leaves
 from fusepass.options import Options
 from fusepass.pipeline import run_pipeline
@@ -261,6 +262,8 @@ class Compiled:
                 from fusepass.cache import cached_pipeline as pipeline
             gm = pipeline(cap.gm, self.options, report,
                           recapture=lambda: capture(lifted, full, True, amp).gm)
+        except GraphError:
+            raise
         except Exception as e:
             return self.unoptimized(lifted, report, f"{type(e).__name__}: {e}; running unoptimized",
                                     "fallback")

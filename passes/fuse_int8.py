@@ -5,7 +5,7 @@ dequantized tensors standing in for floats) and before ``propagate_layout``. In 
 
   1. quantize ops of constants (``convert_pt2e(fold_quantize=False)`` keeps the float
      weight and quantizes it in the graph) are evaluated once into int8 constants;
-  2. a ``dequantize_per_tensor`` with several users is duplicated per user, as
+  2. a ``dequantize_per_tensor`` (either overload) with several users is duplicated per user, as
      Inductor's "dequant promotion" does: each consumer can then take the int8 tensor;
   3. the ``int8.*`` rows of the pattern table (``patterns/quantized.py``), asking the
      chosen target's lowering table before each rewrite (``lowerable``), as ``fuse`` does;
@@ -13,6 +13,9 @@ dequantized tensors standing in for floats) and before ``propagate_layout``. In 
      its weight's dequantize is evaluated once here into a float constant, so nothing
      dequantizes a weight per call (the decline and its reason are in the report).
 
+First of all, every quantization scale that is a number or a constant is checked: a
+scale of 0, a negative or a non-finite one is a ``GraphError`` naming the node (eager
+runs such a graph and divides by zero; no optimization should serve that).
 A graph without quantized_decomposed ops is left untouched.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fusepass import lowering
 from fusepass import ops as fp
+from fusepass.errors import GraphError
 from fusepass.ir import add_constant, delete_unused_attrs, erase_dead
 from fusepass.lowering.table import Form
 from fusepass.patterns import TABLE
@@ -45,6 +49,8 @@ def asker(targets):
     def lowerable(m, post, scalars, other):
         b = m.bindings
         qop = fp.qconv if any(n.target in fp.CONV_OPS for n in m.nodes) else fp.qlinear
+        if isinstance(b.get("xs"), fx.Node):  # a per-call scale: dynamic quantization
+            qop = fp.qlinear_dynamic
         x, w = b.get("xq", b.get("x")), b.get("wq", b.get("weight"))
         conv = qop is fp.qconv
         form = Form(qop, _val(x), _val(w), _val(b.get("bias")), _val(other), tuple(post),
@@ -72,19 +78,21 @@ def _evaluate(gm, n, hint, report, why):
 
 
 def _quantized_operands(n):
-    """(xq, wq) when a float fused op reads dequantize(u8) and dequantize(s8 weight)."""
+    """(xq, wq, dynamic) when a float fused op reads dequantize(u8) (``.tensor``: per-call
+    qparams, dynamic quantization) and dequantize(s8 weight)."""
     qd = fp.quantized_decomposed()
     if n.op != "call_function" or n.target not in (fp.conv, fp.linear):
         return None
     x, w = n.args[0], n.args[1]
-    if not (isinstance(x, fx.Node) and x.target is qd.dequantize_per_tensor.default
+    if not (isinstance(x, fx.Node)
+            and x.target in (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor)
             and isinstance(w, fx.Node) and w.target is qd.dequantize_per_channel.default):
         return None
-    return x.args[0], w.args[0]
+    return x.args[0], w.args[0], x.target is qd.dequantize_per_tensor.tensor
 
 
-def _int8_form(n, xq, wq, cut):
-    qop = fp.qconv if n.target is fp.conv else fp.qlinear
+def _int8_form(n, xq, wq, dynamic, cut):
+    qop = fp.qconv if n.target is fp.conv else fp.qlinear_dynamic if dynamic else fp.qlinear
     f = Form.of_node(n)
     head, sc, o = lowering.chain_prefix(n, cut)
     return Form(qop, _val(xq), _val(wq), f.bias, _val(o), tuple(head), tuple(sc), f.out,
@@ -135,17 +143,39 @@ def _unmatched(gm, report):
                           "runs in float")
 
 
+def _check_scales(gm, ops):
+    """A quantize/dequantize whose scale (argument 1) is known now must have a positive
+    finite one: raise ``GraphError`` otherwise."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in ops or len(n.args) < 2:
+            continue
+        s = n.args[1]
+        if isinstance(s, fx.Node):
+            if s.op != "get_attr":
+                continue  # computed at run time (dynamic quantization): the kernel's business
+            s = getattr(gm, s.target)
+        values = torch.as_tensor(s, dtype=torch.float64)
+        bad = values[~(torch.isfinite(values) & (values > 0))]
+        if bad.numel():
+            raise GraphError(f"{n.name} ({n.target.name()}) has scale {bad.flatten()[0].item()!r}: "
+                             "a quantization scale must be a positive finite number (the "
+                             "graph would divide by zero or compute NaN)")
+
+
 def fuse_int8(gm, *, options, report) -> PassResult:
     qd, quant, dequant = _qd_ops()
     if not any(n.op == "call_function" and n.target in quant | dequant for n in gm.graph.nodes):
         return PassResult(gm, False)
+    _check_scales(gm, quant | dequant | {qd.quantize_per_tensor.tensor,
+                                         qd.dequantize_per_tensor.tensor})
     changed = False
     for n in list(gm.graph.nodes):  # 1. quantized weights, once
         if n.op == "call_function" and n.target in quant and _constant_inputs(gm, n):
             _evaluate(gm, n, "quantized_weight", report, "a constant quantized at compile time")
             changed = True
     for n in list(gm.graph.nodes):  # 2. dequant promotion
-        if n.op == "call_function" and n.target is qd.dequantize_per_tensor.default and len(n.users) > 1:
+        if (n.op == "call_function" and len(n.users) > 1 and n.target in
+                (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor)):
             for u in list(n.users)[1:]:
                 with gm.graph.inserting_before(u):
                     c = gm.graph.call_function(n.target, n.args, dict(n.kwargs))

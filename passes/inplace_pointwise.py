@@ -33,9 +33,10 @@ aten = torch.ops.aten
 
 # functional op -> (in-place op, operand positions that may receive the result): every
 # post-op of the registry (fusepass/postops.py) with an in-place twin, and clamp (a
-# spelling of hardtanh, not a post-op of its own)
+# spelling of hardtanh, not a post-op of its own), and round (lowering/qdq.py)
 TABLE = {p.aten: (p.inplace, p.inplace_operands) for p in REGISTRY.values() if p.inplace}
 TABLE[aten.clamp.default] = (aten.clamp_.default, (0,))
+TABLE[aten.round.default] = (aten.round_.default, (0,))  # of a quantize spelled in ATen
 # a "read again" or "graph input" decline is the common, uninteresting case: not reported
 _QUIET = ("is read again", "is a graph input", "is a constant", "not a tensor of this graph")
 

@@ -11,7 +11,11 @@ quantization ops around a ``fusepass::conv``/``linear``:
   * ``*.requant``: a ``quantize_per_tensor`` of that output -> the op's output quantized
     (oneDNN requantizes in its epilogue; a reduced quant range, 0..127, is a clamp after);
   * ``int8.qconv2d.qaccum``: an int8-output conv whose residual is ``dequantize(r_u8)``
-    takes ``r_u8`` itself (oneDNN's sum post-op accumulates into the quantized tensor).
+    takes ``r_u8`` itself (oneDNN's sum post-op accumulates into the quantized tensor);
+  * ``int8.qlinear.dynamic``: dynamic quantization (``choose_qparams`` per call, then
+    ``quantize/dequantize_per_tensor.tensor``): the per-call scale and zero point are
+    tensors, which ``fusepass::qlinear.tensor`` (oneDNN's ``qlinear_pointwise.tensor``)
+    takes as they are; the activation's quantization stays in the graph, before it.
 
 Guards carry what the kernels need (measured on torch 2.13): u8 activations (s8 raises),
 s8 symmetric weights, per-channel along dim 0, positive finite scales, and — on CPUs
@@ -65,6 +69,21 @@ def q_activation(m):
     lo, hi = m["xlo"], m["xhi"]
     if not (0 <= lo <= m["xzp"] <= hi <= 255):
         return f"activation zero point {m['xzp']} / range ({lo}, {hi}) outside uint8"
+    if hi > 127 and not vnni():
+        return f"activation range ({lo}, {hi}): {NO_VNNI}"
+    return None
+
+
+def q_activation_dynamic(m):
+    """``q_activation`` for a per-call scale and zero point (tensors computed in the
+    graph: their values are checked by ``choose_qparams``, which keeps the scale >= eps)."""
+    if m["xdt"] is not torch.uint8:
+        return f"activation dtype {m['xdt']}: oneDNN's int8 kernels take uint8 activations"
+    if not all(getattr(m[k], "op", None) in ("call_function", "get_attr") for k in ("xs", "xzp")):
+        return "activation scale / zero point are not tensors of the graph"
+    lo, hi = m["xlo"], m["xhi"]
+    if not (0 <= lo <= hi <= 255):
+        return f"activation range ({lo}, {hi}) outside uint8"
     if hi > 127 and not vnni():
         return f"activation range ({lo}, {hi}): {NO_VNNI}"
     return None
@@ -133,13 +152,14 @@ def _qd():
     return quantized_decomposed()
 
 
-def _quantize_row(family, op, qop, arg_names, rank, when):
-    """conv/linear(dequantize(x), dequantize(w)) -> qop (float output)."""
-    n = len(arg_names)
+def _quantize_row(family, op, qop, arg_names, rank, when, dynamic=False):
+    """conv/linear(dequantize(x), dequantize(w)) -> qop (float output). ``dynamic``: the
+    activation's dequantize is the ``.tensor`` one (per-call scale and zero point)."""
     names = X + W + arg_names[2:]
 
     def pattern(*a):
-        x = _qd().dequantize_per_tensor.default(*a[:6])
+        dequantize = _qd().dequantize_per_tensor
+        x = (dequantize.tensor if dynamic else dequantize.default)(*a[:6])
         w = _qd().dequantize_per_channel.default(*a[6:13])
         return op(x, w, *a[13:])
 
@@ -149,10 +169,12 @@ def _quantize_row(family, op, qop, arg_names, rank, when):
         return qop(b["xq"], b["wq"], *rest, b["xs"], b["xzp"], b["ws"], b["wzp"], 1.0, 0, None,
                    1.0, 0)
 
-    guards = [q_activation, q_weight(rank), G.lowerable(lambda m: ([], []))]
-    return Rule(f"int8.q{family}", with_signature(pattern, names), with_signature(replacement, names),
-                G.all_of(*guards), f"dequantize(x_u8) -> {family}(., dequantize(w_s8)) -> "
-                f"{qop.name()}", when)
+    guards = [q_activation_dynamic if dynamic else q_activation, q_weight(rank),
+              G.lowerable(lambda m: ([], []))]
+    name = f"int8.q{family}" + (".dynamic" if dynamic else "")
+    return Rule(name, with_signature(pattern, names), with_signature(replacement, names),
+                G.all_of(*guards), f"dequantize{'.tensor' if dynamic else ''}(x_u8) -> "
+                f"{family}(., dequantize(w_s8)) -> {qop.name()}", when)
 
 
 def _accum(other, out_dtype):
@@ -274,4 +296,5 @@ ROWS = PASSTHROUGH + [
     _qaccum_row("conv2d", fp.qconv, CONV_ARGS),
     _quantize_row("linear", fp.linear, fp.qlinear, LINEAR_ARGS, 2, None),
     _requant_row("linear", fp.qlinear, LINEAR_ARGS),
+    _quantize_row("linear", fp.linear, fp.qlinear_dynamic, LINEAR_ARGS, 2, None, dynamic=True),
 ]

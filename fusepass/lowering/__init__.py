@@ -18,7 +18,7 @@ import importlib.util
 
 from fusepass import ops as fp
 from fusepass.check import record_fused
-from fusepass.lowering import ipex, onednn, onednn_int8, reference  # noqa: F401  (register their rows)
+from fusepass.lowering import ipex, onednn, onednn_int8, qdq, reference  # noqa: F401  (register their rows)
 from fusepass.lowering.table import Form, entry
 
 def ipex_available() -> bool:
@@ -77,6 +77,7 @@ def lower(gm, options, report):
             _lower_one(gm, node, targets, options, report)
         except Exception as e:
             report.record("lower", "-", node.name, "error", f"{type(e).__name__}: {e}")
+    qdq.expand(gm, report)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -11,7 +11,9 @@ Measured on torch 2.13 (fp32 reference = the q/dq decomposition, ``ops.qconv_ref
     quantized residual for a quantized output), optionally followed by relu;
   * qlinear takes u8 input of any rank >= 2 and writes a contiguous result; unary relu,
     gelu (none/tanh), tanh, swish, hardtanh, leaky_relu, hardswish; binary ``sum`` (in
-    place into ``other``) or ``add`` (out of place) with a float ``other``, relu after.
+    place into ``other``) or ``add`` (out of place) with a float ``other``, relu after;
+    ``fusepass::qlinear.tensor`` (dynamic quantization) -> the ``.tensor`` /
+    ``.binary_tensor`` overloads, which take the per-call scale and zero point as tensors.
 Where the kernel's layout differs from eager's (a conv outside a channels-last region:
 ``propagate_layout`` declined), the result is converted back once, said in the report.
 """
@@ -95,7 +97,9 @@ def qconv_binary_check(f):
 
 
 def qlinear_check(f):
-    reason = _missing("qlinear_prepack", "qlinear_pointwise", "qlinear_pointwise.binary")
+    reason = _missing("qlinear_prepack", "qlinear_pointwise", "qlinear_pointwise.binary",
+                      *(("qlinear_pointwise.tensor", "qlinear_pointwise.binary_tensor")
+                        if f.op is fp.qlinear_dynamic else ()))
     if reason:
         return reason
     if f.x is None or f.x.dim() < 2:
@@ -208,9 +212,10 @@ def lower_qlinear(gm, node):
     pw = _pack_linear(gm, node)
     args = (x, _q(node, "x_scale"), _q(node, "x_zp"), pw, _q(node, "w_scale"), _q(node, "w_zp"),
             b, _q(node, "out_scale"), _q(node, "out_zp"), _out_dtype(node), attr, sc, alg or "none")
+    kernel = "tensor" if node.target is fp.qlinear_dynamic else "default"
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(onednn.qlinear_pointwise.default, args)
-    return _finish(gm, node, new, "onednn.qlinear_pointwise")
+        new = gm.graph.call_function(getattr(onednn.qlinear_pointwise, kernel), args)
+    return _finish(gm, node, new, "onednn.qlinear_pointwise" + (".tensor" if kernel == "tensor" else ""))
 
 
 def lower_qlinear_binary(gm, node):
@@ -223,9 +228,10 @@ def lower_qlinear_binary(gm, node):
     args = (x, _q(node, "x_scale"), _q(node, "x_zp"), pw, _q(node, "w_scale"), _q(node, "w_zp"),
             other, b, _q(node, "out_scale"), _q(node, "out_zp"), _out_dtype(node),
             _q(node, "other_scale"), _q(node, "other_zp"), binop, 1.0, attr, sc, alg or "none")
+    kernel = "binary_tensor" if node.target is fp.qlinear_dynamic else "binary"
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(onednn.qlinear_pointwise.binary, args)
-    return _finish(gm, node, new, "onednn.qlinear_pointwise.binary", note)
+        new = gm.graph.call_function(getattr(onednn.qlinear_pointwise, kernel), args)
+    return _finish(gm, node, new, f"onednn.qlinear_pointwise.{kernel}", note)
 
 
 UNARY, BINARY = [(), ("unary",)], [("binary",), ("binary", "unary")]
@@ -234,3 +240,5 @@ register("onednn", fp.qconv, BINARY, U8, qconv_binary_check, lower_qconv_binary,
          late_check=_layout_reason)
 register("onednn", fp.qlinear, UNARY, U8, qlinear_check, lower_qlinear)
 register("onednn", fp.qlinear, BINARY, U8, qlinear_binary_check, lower_qlinear_binary)
+register("onednn", fp.qlinear_dynamic, UNARY, U8, qlinear_check, lower_qlinear)
+register("onednn", fp.qlinear_dynamic, BINARY, U8, qlinear_binary_check, lower_qlinear_binary)
