@@ -336,12 +336,12 @@ def _calibration(inputs, n=4):
     return batches
 
 
-def _converted(model, inputs):
+def _converted(model, inputs, dynamic=False):
     import time
 
     import fusepass
     t0 = time.perf_counter()
-    qm = fusepass.quantize(model, _calibration(inputs))
+    qm = fusepass.quantize(model, _calibration(inputs), dynamic=dynamic)
     return qm, {"quantize_s": round(time.perf_counter() - t0, 2),
                 "reduce_range": qm.fusepass_quantization.reduce_range}
 
@@ -365,6 +365,16 @@ def make_fusepass_int8(model, inputs):
     fn = torch.compile(qm, backend="fusepass")
     # what bench/measure.py explains (not Module.__setattr__: that would make qm a
     # submodule of the compiled wrapper, which forwards attributes to qm itself)
+    object.__setattr__(fn, "bench_source_model", qm)
+    return fn, _int8_info(qm, fn, inputs, lambda: {**q, **_dynamo_info()})
+
+
+def make_fusepass_int8_dynamic(model, inputs):
+    """``fusepass.quantize(..., dynamic=True)``: activation scales computed per call
+    (the linears' int8 row ``int8.qlinear.dynamic``); conv nets quantize their convs'
+    activations per call too, which no int8 conv row takes (they run in float)."""
+    qm, q = _converted(model, inputs, dynamic=True)
+    fn = torch.compile(qm, backend="fusepass")
     object.__setattr__(fn, "bench_source_model", qm)
     return fn, _int8_info(qm, fn, inputs, lambda: {**q, **_dynamo_info()})
 
@@ -440,6 +450,9 @@ CONFIGS = {c.name: c for c in [
     Config("fusepass_int8", "main",
            'fusepass.quantize (PT2E, X86InductorQuantizer) + torch.compile(backend="fusepass")',
            make_fusepass_int8, lambda spec: _peer_missing("torchao")),
+    Config("fusepass_int8_dynamic", "main",
+           "fusepass.quantize(dynamic=True) (per-call activation scales) + backend=fusepass",
+           make_fusepass_int8_dynamic, lambda spec: _peer_missing("torchao")),
     Config("inductor_int8", "main",
            "the same converted graph + torch.compile (Inductor, freezing, torchao's quant_lift_up)",
            make_inductor_int8, lambda spec: _peer_missing("torchao")),
@@ -452,7 +465,7 @@ CONFIGS = {c.name: c for c in [
 # number; on a native-bf16 CPU they add three timed configs per (model, batch).
 # The int8 rows quantize every model (~30 s for ResNet-50): `python -m bench --configs` them.
 BF16_CONFIGS = ["fusepass_bf16", "inductor_bf16", "openvino_bf16"]
-INT8_CONFIGS = ["fusepass_int8", "inductor_int8", "openvino_int8"]
+INT8_CONFIGS = ["fusepass_int8", "fusepass_int8_dynamic", "inductor_int8", "openvino_int8"]
 DEFAULT_CONFIGS = [c for c in CONFIGS if c not in INT8_CONFIGS]
 # Inductor's cold compile of even the tiny net takes 20-45 s here: not in the CI smoke
 # (tests/test_bench_smoke.py has an opt-in test that adds it).

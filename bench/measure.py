@@ -215,7 +215,7 @@ def main(argv) -> int:
                     stage = "profile"
                     with torch.no_grad():
                         done["profile"] = profile(fn, inputs, cmd["profile"])
-                if spec["config"] in ("fusepass", "fusepass_int8"):
+                if spec["config"] in ("fusepass", "fusepass_int8", "fusepass_int8_dynamic"):
                     stage = "fusepass.explain"
                     try:  # int8: the converted graph the config compiled
                         done["fusepass"] = fusepass_report(
