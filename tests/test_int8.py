@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusepass
+from fusepass.lowering.onednn import binary_one_channel_works
 from fusepass.ops import quantized_decomposed
 from fusepass.patterns.quantized import vnni
 from tests.util import examples, histogram
@@ -203,6 +204,12 @@ def test_qconv_rows(post, residual, requant, s):
     y_shape = conv(x).shape
     r = torch.randn(y_shape) if residual else torch.zeros(1)  # unused without a residual
     m = QOp(conv, CONV_POST[post], 127, residual, requant, x, r if residual else None).eval()
+    ambiguous = (y_shape[1] == 1) != (y_shape[2] * y_shape[3] == 1)
+    if residual and ambiguous and not binary_one_channel_works():  # torch 2.8 (IPEX env)
+        opt = optimize(m, [x, r])  # the float residual row declines first: no int8 sum
+        check_numerics(m, opt, x, r)
+        assert any("cannot create the memory" in d.reason for d in opt.fusepass_report.decisions)
+        return
     kernel = "onednn.qconv2d_pointwise.binary" if residual else "onednn.qconv_pointwise"
     sums_into_float = requant and residual == "float"  # the sum writes into the residual
     opt, h = check_row(m, x, r, "int8.qconv2d", kernel, requant and not sums_into_float)
