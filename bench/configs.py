@@ -14,6 +14,7 @@ it may need a newer torch at import time.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -360,21 +361,14 @@ def _int8_info(qm, fn, inputs, base):
     return info
 
 
-def make_fusepass_int8(model, inputs):
-    qm, q = _converted(model, inputs)
+def make_fusepass_int8(model, inputs, dynamic=False):
+    """``dynamic``: ``fusepass.quantize(..., dynamic=True)``, activation scales computed
+    per call (the linears' row ``int8.qlinear.dynamic``; conv nets' convs, which no int8
+    conv row takes then, run in float)."""
+    qm, q = _converted(model, inputs, dynamic=dynamic)
     fn = torch.compile(qm, backend="fusepass")
     # what bench/measure.py explains (not Module.__setattr__: that would make qm a
     # submodule of the compiled wrapper, which forwards attributes to qm itself)
-    object.__setattr__(fn, "bench_source_model", qm)
-    return fn, _int8_info(qm, fn, inputs, lambda: {**q, **_dynamo_info()})
-
-
-def make_fusepass_int8_dynamic(model, inputs):
-    """``fusepass.quantize(..., dynamic=True)``: activation scales computed per call
-    (the linears' int8 row ``int8.qlinear.dynamic``); conv nets quantize their convs'
-    activations per call too, which no int8 conv row takes (they run in float)."""
-    qm, q = _converted(model, inputs, dynamic=True)
-    fn = torch.compile(qm, backend="fusepass")
     object.__setattr__(fn, "bench_source_model", qm)
     return fn, _int8_info(qm, fn, inputs, lambda: {**q, **_dynamo_info()})
 
@@ -452,7 +446,8 @@ CONFIGS = {c.name: c for c in [
            make_fusepass_int8, lambda spec: _peer_missing("torchao")),
     Config("fusepass_int8_dynamic", "main",
            "fusepass.quantize(dynamic=True) (per-call activation scales) + backend=fusepass",
-           make_fusepass_int8_dynamic, lambda spec: _peer_missing("torchao")),
+           functools.partial(make_fusepass_int8, dynamic=True),
+           lambda spec: _peer_missing("torchao")),
     Config("inductor_int8", "main",
            "the same converted graph + torch.compile (Inductor, freezing, torchao's quant_lift_up)",
            make_inductor_int8, lambda spec: _peer_missing("torchao")),

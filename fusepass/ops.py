@@ -166,7 +166,6 @@ REFERENCE = {conv: conv_reference, linear: linear_reference, qconv: qconv_refere
              qlinear: qlinear_reference, qlinear_dynamic: qlinear_reference}
 
 
-
 def _positions(op, names: str) -> dict:
     """Argument positions of ``op`` by name, read from its schema."""
     index = {a.name: i for i, a in enumerate(op._schema.arguments)}
@@ -180,9 +179,11 @@ QPARAMS = {op: _positions(op, _QPARAM_ARGS) for op in QUANTIZED_OPS}
 
 
 def family_of(target) -> str:
-    """The registry's family name of a fused op: conv, linear, qconv, qlinear."""
-    return {conv: "conv", linear: "linear", qconv: "qconv", qlinear: "qlinear",
-            qlinear_dynamic: "qlinear"}[target]
+    """The registry's family name of a fused op: conv, linear, qconv, qlinear (the op's
+    name: both qlinear overloads are one family)."""
+    if target not in FUSED_OPS:
+        raise KeyError(target)
+    return target.__name__.split(".")[0]
 
 
 def chain_of(node) -> tuple:

@@ -160,7 +160,8 @@ def binary_one_channel_works() -> bool:
 def ambiguous_output_reason(f):
     """``binary_one_channel_works``'s case. Whatever the input's layout: the kernel runs
     channels-last with a packed weight too (prepack_weights decides that after lowering),
-    and a contiguous one-channel input failed the same way."""
+    and a contiguous one-channel input failed the same way. Shapes only, so the early
+    check (``conv_binary_check``, asked at fusion and again at lowering) decides it."""
     y = f.out
     if (isinstance(y, torch.Tensor) and y.dim() == 4
             and (y.shape[1] == 1) != (y.shape[2] * y.shape[3] == 1)
@@ -175,7 +176,7 @@ def conv_binary_layout_check(f):
     runs after fusion, may still make a conv channels-last)."""
     if f.dtype == torch.bfloat16 and list(f.post) == ["add", "relu"]:
         return bf16_add_relu_reason(f.x, f.weight, f.groups)
-    return ambiguous_output_reason(f)
+    return None
 
 
 def linear_check(f):

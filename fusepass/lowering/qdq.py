@@ -29,18 +29,24 @@ from fusepass.ir import infer_meta, val
 aten = torch.ops.aten
 
 
+def _chain(g, x, steps) -> list:
+    """``steps`` ((op, extra args, kwargs), ...) applied in turn to ``x``: the new nodes."""
+    nodes = []
+    for op, args, kwargs in steps:
+        x = g.call_function(op, (x, *args), kwargs)
+        nodes.append(x)
+    return nodes
+
+
 def _quantize(g, x, scale, zp, lo, hi, dtype):
-    y = g.call_function(aten.mul.Tensor, (x, 1.0 / scale))
-    y = g.call_function(aten.round.default, (y,))
-    y = g.call_function(aten.add.Tensor, (y, zp))
-    y = g.call_function(aten.clamp.default, (y, lo, hi))
-    return g.call_function(aten._to_copy.default, (y,), {"dtype": dtype})
+    return _chain(g, x, [(aten.mul.Tensor, (1.0 / scale,), {}), (aten.round.default, (), {}),
+                         (aten.add.Tensor, (zp,), {}), (aten.clamp.default, (lo, hi), {}),
+                         (aten._to_copy.default, (), {"dtype": dtype})])
 
 
-def _dequantize(g, q, scale, zp, lo, hi, dtype, out_dtype=None):
-    y = g.call_function(aten._to_copy.default, (q,), {"dtype": torch.float32})
-    y = g.call_function(aten.sub.Tensor, (y, zp))
-    return g.call_function(aten.mul.Tensor, (y, scale))
+def _dequantize(g, q, scale, zp, lo, hi, dtype):
+    return _chain(g, q, [(aten._to_copy.default, (), {"dtype": torch.float32}),
+                         (aten.sub.Tensor, (zp,), {}), (aten.mul.Tensor, (scale,), {})])
 
 
 def _expandable(n, qd) -> bool:
@@ -66,12 +72,11 @@ def expand(gm: fx.GraphModule, report) -> int:
     for n in list(gm.graph.nodes):
         if not _expandable(n, qd):
             continue
-        before = set(gm.graph.nodes)
         with gm.graph.inserting_before(n):
-            out = build[n.target](gm.graph, *n.args[:6])
-        for m in gm.graph.nodes:
-            if m not in before:
-                infer_meta(gm, m)
+            new = build[n.target](gm.graph, *n.args[:6])
+        for m in new:
+            infer_meta(gm, m)
+        out = new[-1]
         out.meta.update({k: v for k, v in n.meta.items() if k != "val"})
         out.meta["fusepass_spells"] = n.target.name()  # what this ATen chain computes
         n.replace_all_uses_with(out)
