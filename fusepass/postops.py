@@ -79,9 +79,17 @@ def _finite(s):
 
 
 def _bounds(s):
-    if any(x is None for x in s):
-        return "clamp without both bounds"
-    return _finite(s) or (f"bounds {tuple(s)} have min > max" if s[0] > s[1] else None)
+    """hardtanh's bounds: numbers, min <= max; one may be infinite (a one-sided clamp is
+    hardtanh(min, inf): oneDNN's and IPEX's kernels take it, measured on torch 2.13 / 2.8)."""
+    bad = [x for x in s if not isinstance(x, (int, float)) or math.isnan(x)]
+    if bad:
+        return f"post-op parameters {s} are not numbers"
+    return f"bounds {tuple(s)} have min > max" if s[0] > s[1] else None
+
+
+def _one_sided(lo, hi):
+    """clamp(y, min=None or max=None): the missing bound is infinite."""
+    return [-math.inf if lo is None else lo, math.inf if hi is None else hi]
 
 
 def _ipex_elu(s):
@@ -133,8 +141,12 @@ REGISTRY: dict[str, PostOp] = {p.name: p for p in [
     _unary("hardtanh", aten.hardtanh.default, aten.hardtanh_.default,
            [_s("hardtanh", lambda y, e0, e1: aten.hardtanh.default(y, e0, e1),
                "hardtanh/relu6(y)", 2, lambda e0, e1: [e0, e1]),
-            _s("clamp", lambda y, e0, e1: aten.clamp.default(y, e0, e1), "clamp(y, min, max)",
-               2, lambda e0, e1: [e0, e1])],
+            _s("clamp", lambda y, e0, e1: aten.clamp.default(y, e0, e1),
+               "clamp(y, min, max), either bound may be None", 2, _one_sided),
+            _s("clamp_min", lambda y, e0: aten.clamp_min.default(y, e0), "clamp_min(y, min)",
+               1, lambda e0: _one_sided(e0, None)),
+            _s("clamp_max", lambda y, e0: aten.clamp_max.default(y, e0), "clamp_max(y, max)",
+               1, lambda e0: _one_sided(None, e0))],
            onednn=Kernel("hardtanh", families=BOTH | QBOTH), ipex=Kernel("hardtanh"), arity=2, check=_bounds),
     _unary("leaky_relu", aten.leaky_relu.default, aten.leaky_relu_.default,
            [_s("leaky_relu", lambda y, e0: aten.leaky_relu.default(y, e0), "leaky_relu(y)", 1,

@@ -4,6 +4,8 @@ run), negatives decline. Rows the onednn target has no kernel for decline there 
 reason, and fuse on the reference target (the pattern itself is right)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,8 @@ EAGER = {
     "gelu_tanh": (lambda y: F.gelu(y, approximate="tanh"), {"aten.gelu"}),
     "hardtanh": (F.relu6, {"aten.hardtanh"}),
     "clamp": (lambda y: torch.clamp(y, -0.5, 0.75), {"aten.clamp"}),
+    "clamp_min": (lambda y: torch.clamp_min(y, 0.25), {"aten.clamp_min"}),
+    "clamp_max": (lambda y: torch.clamp_max(y, -0.25), {"aten.clamp_max"}),
     "leaky_relu": (lambda y: F.leaky_relu(y, 0.2), {"aten.leaky_relu"}),
     "elu": (lambda y: F.elu(y, 1.3), {"aten.elu"}),
     "hardswish": (F.hardswish, {"aten.hardswish"}),
@@ -209,7 +213,6 @@ def test_float64_is_declined_and_still_correct():
 
 
 @pytest.mark.parametrize("fn,reason", [
-    (lambda y: torch.clamp(y, min=0.5), "clamp without both bounds"),
     (lambda y: torch.clamp(y, 1.0, -1.0), "min > max"),
 ])
 def test_unsupported_post_op_parameters_are_declined(fn, reason):
@@ -221,6 +224,30 @@ def test_unsupported_post_op_parameters_are_declined(fn, reason):
     assert any(reason in d.reason for d in gm.fusepass_report.declined), gm.fusepass_report
     with torch.no_grad():
         assert_close(gm(x), m(x))
+
+
+@pytest.mark.parametrize("fn", [lambda y: torch.clamp(y, min=0.5), lambda y: y.clamp(max=-0.5),
+                                lambda y: torch.clamp(y, -math.inf, 0.5)],
+                         ids=["min_only", "max_only", "infinite_min"])
+@pytest.mark.parametrize("family", ["conv2d", "linear"])
+def test_one_sided_clamp_is_hardtanh_with_an_infinite_bound(fn, family):
+    """clamp with one bound fuses (oneDNN's hardtanh takes an infinite bound, measured),
+    where it used to be declined as "clamp without both bounds"."""
+    m = Block(family, "relu").eval()
+    m.post = fn
+    x = example(family)
+    gm = optimize(m, [x])
+    assert gm.fusepass_report.counts == {f"{family}.clamp": 1}, gm.fusepass_report
+    assert "aten.clamp" not in histogram(gm)
+    with torch.no_grad():
+        assert_close(gm(x), m(x))
+
+
+def test_a_nan_bound_is_no_hardtanh():
+    from fusepass.postops import REGISTRY
+    check = REGISTRY["hardtanh"].check
+    assert "not numbers" in check([math.nan, 1.0]) and "min > max" in check([1.0, -math.inf])
+    assert check([-math.inf, 0.5]) is None
 
 
 def test_sigmoid_times_input_in_either_order_is_silu():
