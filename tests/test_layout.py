@@ -198,7 +198,7 @@ def assert_meta_strides_exact(gm):
         elif n.op == "call_function":
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
             with mode:
-                env[n] = as_cpu_kernel_writes(n, n.target(*args, **kwargs))
+                env[n] = as_cpu_kernel_writes(n, n.target(*args, **kwargs), list(args))
     # compared at the end: an in-place op capture left (as_strided_) restrides its input's value
     for n, got in env.items():
         for g, want in zip(tree_leaves(got), tree_leaves(n.meta["val"])):

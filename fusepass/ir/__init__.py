@@ -11,7 +11,7 @@ import operator
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def full_args(node: fx.Node) -> list:
@@ -144,24 +144,26 @@ def with_strides(v: torch.Tensor, strides) -> torch.Tensor:
         return torch.empty_strided(v.shape, strides, dtype=v.dtype, device=v.device)
 
 
-def as_cpu_kernel_writes(node: fx.Node, out):
+def as_cpu_kernel_writes(node: fx.Node, out, args=None):
     """``out`` (a fake result of ``node``) with the strides the CPU kernel really writes,
     where the fake kernel differs (measured, torch 2.13): ``native_batch_norm`` of an input
     that is contiguous and channels-last at once (C == 1, [N,C,1,1]) writes a contiguous
     result; the fake keeps the input's channels-last strides. Pointwise ops: see
-    ``cpu_pointwise_strides``."""
+    ``cpu_pointwise_strides``. ``args``: the operand values, when not the meta of
+    ``node``'s arguments."""
+    if args is None:
+        args = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
     if node.op != "call_function" or not isinstance(out, (torch.Tensor, tuple, list)):
         return out
     if isinstance(out, torch.Tensor):
         if not isinstance(out, FakeTensor):
             return out
-        operands = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
-        want = cpu_pointwise_strides(node.target, out, operands)
+        want = cpu_pointwise_strides(node.target, out, args)
         return out if want is None or want == tuple(out.stride()) else with_strides(out, want)
     if node.target not in _BATCH_NORM:
         return out
-    x = node.args[0].meta.get("val")
-    if x is None or not x.is_contiguous():
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or not x.is_contiguous():
         return out
     with out[0].fake_mode:
         y = torch.empty(out[0].shape, dtype=out[0].dtype, device=out[0].device)
@@ -177,15 +179,37 @@ def restride(gm, new, written):
     y = val(new)
     if not isinstance(y, torch.Tensor) or tuple(y.stride()) == tuple(written):
         return new
+    truth = with_strides(y, written)
+    if not _can_tell(new, truth):
+        new.meta["val"] = truth  # no user's result changes: no view (EfficientNet: 32 of them)
+        return new
     users = list(new.users)
     with gm.graph.inserting_after(new):
         view = gm.graph.call_function(_aten.as_strided.default,
                                       (new, list(y.shape), list(y.stride())))
     view.meta.update({k: v for k, v in new.meta.items() if k != "fusepass_lowering_note"})
-    new.meta["val"] = with_strides(y, written)
+    new.meta["val"] = truth
     for u in users:
         u.replace_input_with(new, view)
     return view
+
+
+def _can_tell(node: fx.Node, new) -> bool:
+    """Whether a user of ``node`` computes another result (its strides) when ``node``'s
+    value is ``new`` instead of its meta: ATen and fusepass users are re-run on fake values
+    with the CPU kernels' strides; graph outputs and anything else can tell."""
+    for u in node.users:
+        if u.op != "call_function" or getattr(u.target, "namespace", None) not in ("aten", "fusepass"):
+            return True
+        args = fx.node.map_arg(u.args, lambda a: new if a is node else a.meta["val"])
+        kwargs = fx.node.map_arg(u.kwargs, lambda a: new if a is node else a.meta["val"])
+        with new.fake_mode:
+            out = as_cpu_kernel_writes(u, u.target(*args, **kwargs), list(args))
+        got, want = tree_leaves(out), tree_leaves(u.meta.get("val"))
+        if len(got) != len(want) or any(isinstance(g, torch.Tensor) and g.stride() != w.stride()
+                                        for g, w in zip(got, want)):
+            return True
+    return False
 
 
 def infer_meta(gm: fx.GraphModule, node: fx.Node):
