@@ -294,3 +294,12 @@ def test_meta_of_pointwise_ops_has_the_cpu_kernels_strides(op, shape):
     meta = (out[0] if isinstance(out, (tuple, list)) else out).meta["val"]
     with torch.no_grad():
         assert meta.stride() == M()(x).stride()
+
+
+def test_stride_bench_on_the_tiny_net():
+    """bench/strides.py runs, and its tiny net (conv-BN-ReLU, residual, SE) keeps eager's
+    output strides, with oneDNN kernels."""
+    from bench.strides import measure
+    row = measure("tiny", 1, 1)
+    assert row["strides_equal_eager"], row
+    assert row["ops"].get("mkldnn._convolution_pointwise.default", 0) >= 1, row
