@@ -299,7 +299,7 @@ def capture(lifted: Lifted, args: list, freeze: bool, autocast=None) -> Captured
             _functional_restride(gm, n)
         elif (bn_args := batch_norm_as_native(n)) is not None:  # torch 2.8's spellings
             _swap(gm, n, aten.native_batch_norm.default, bn_args)
-    _batch_norm_strides(gm)
+    _cpu_kernel_strides(gm)
     structured = _structured_output(gm, spec["out"])
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -376,24 +376,54 @@ def _functional_restride(gm, n):
     if offset not in (None, 0) or list(size) != list(v.shape) or len(t.users) != 1:
         return
     if all(a == b for a, b, k in zip(v.stride(), stride, size) if k != 1):
-        _swap(gm, n, aten.as_strided.default, (t, list(size), list(stride)))
+        c = _swap(gm, n, aten.as_strided.default, (t, list(size), list(stride)))
+        if t.target is aten.mean.dim:  # ATen's adaptive pool to 1: channels-last if x is
+            c.meta["fusepass_restride_of"] = t.args[0]
 
 
-def _batch_norm_strides(gm):
-    """The fake ``native_batch_norm`` keeps its input's strides; the CPU kernel does not
-    always (``ir.as_cpu_kernel_writes``), and the next conv reads those strides to choose
-    its layout. Fix such results' meta and re-propagate what follows them (rare: only
-    inputs that are contiguous and channels-last at once)."""
+def _restride_strides(n):
+    """The strides of a pool-to-1 restride (``_functional_restride``) as ATen's composite
+    decides them on the CPU: channels-last when the pool's input suggests it, else the
+    mean's own. The trace baked in the fake input's; ``_cpu_kernel_strides`` may have
+    corrected that input's strides since."""
+    from torch._prims_common import suggest_memory_format
+    x, y = n.meta["fusepass_restride_of"].meta["val"], n.args[0].meta["val"]
+    fmt = suggest_memory_format(x)
+    if fmt in (torch.channels_last, torch.channels_last_3d):
+        return list(torch.empty(y.shape, device="meta", memory_format=fmt).stride())
+    return list(y.stride())
+
+
+def _cpu_kernel_strides(gm):
+    """The fake ``native_batch_norm`` and pointwise ops give a result that is contiguous
+    and channels-last at once (a size-1 dim) other strides than the CPU kernel does
+    (``ir.as_cpu_kernel_writes``), and the next conv reads those strides to choose its
+    layout. Fix such results' meta and re-propagate what follows them, as far as the
+    strides change (rare: only such ambiguous values)."""
     from fusepass.ir import as_cpu_kernel_writes, infer_meta
-    stale = False
+    changed = set()
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
-        if stale:
+        old = n.meta.get("val")
+        restride_of = n.meta.get("fusepass_restride_of")
+        if restride_of is not None and restride_of in changed:
+            n.args = (n.args[0], n.args[1], _restride_strides(n), *n.args[3:])
             infer_meta(gm, n)
-        fixed = as_cpu_kernel_writes(n, n.meta.get("val"))
-        if fixed is not n.meta.get("val"):
-            n.meta["val"], stale = fixed, True
+        elif any(a in changed for a in n.all_input_nodes):
+            infer_meta(gm, n)
+        else:
+            n.meta["val"] = as_cpu_kernel_writes(n, old)
+        if not _same_values_layout(old, n.meta.get("val")):
+            changed.add(n)
+
+
+def _same_values_layout(a, b) -> bool:
+    from torch.utils._pytree import tree_leaves
+    la, lb = tree_leaves(a), tree_leaves(b)
+    return len(la) == len(lb) and all(
+        not isinstance(x, torch.Tensor) or (isinstance(y, torch.Tensor) and x.stride() == y.stride())
+        for x, y in zip(la, lb))
 
 
 def _freeze(gm, placeholder, tensor, name, attr):

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from fusepass.ir import cpu_pointwise_strides, with_strides
 from fusepass.postops import REGISTRY
 
 aten = torch.ops.aten
@@ -43,6 +44,17 @@ def apply_chain(y, other, post, scalars):
     return y
 
 
+def _fake_chain(y, other, post, scalars):
+    """``apply_chain`` on fake tensors, each step given the strides eager's CPU kernel
+    gives it (``ir.cpu_pointwise_strides``: the fake kernels differ on values that are
+    contiguous and channels-last at once): the fused op's meta is eager's result."""
+    for op, s in split_chain(post, scalars):
+        new = op.reference(y, other, *s)
+        want = cpu_pointwise_strides(op.aten, new, [y, other] if op.binary else [y])
+        y = new if want is None or want == tuple(new.stride()) else with_strides(new, want)
+    return y
+
+
 def conv_reference(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
                    other, post, scalars):
     y = aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed,
@@ -53,6 +65,17 @@ def conv_reference(x, weight, bias, stride, padding, dilation, transposed, outpu
 def linear_reference(x, weight, bias, other, post, scalars):
     y = aten.linear.default(x, weight, bias)
     return apply_chain(y, other, post, scalars)
+
+
+def conv_fake(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
+              other, post, scalars):
+    y = aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed,
+                                 output_padding, groups)
+    return _fake_chain(y, other, post, scalars)
+
+
+def linear_fake(x, weight, bias, other, post, scalars):
+    return _fake_chain(aten.linear.default(x, weight, bias), other, post, scalars)
 
 
 _lib = torch.library.Library("fusepass", "DEF")
@@ -69,8 +92,8 @@ _lib.define(f"linear({_LINEAR_ARGS}, {_CHAIN_ARGS}) -> Tensor")
 # The reference kernels serve every backend key (CPU, Meta, fake): they are plain ATen.
 _lib.impl("conv", conv_reference, "CompositeExplicitAutograd")
 _lib.impl("linear", linear_reference, "CompositeExplicitAutograd")
-torch.library.register_fake("fusepass::conv", conv_reference, lib=_lib)
-torch.library.register_fake("fusepass::linear", linear_reference, lib=_lib)
+torch.library.register_fake("fusepass::conv", conv_fake, lib=_lib)
+torch.library.register_fake("fusepass::linear", linear_fake, lib=_lib)
 
 conv = torch.ops.fusepass.conv.default
 linear = torch.ops.fusepass.linear.default

@@ -158,7 +158,7 @@ def verify(gm):
             kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
             with mode:
                 out = n.target(*args, **kwargs)
-            out = as_cpu_kernel_writes(n, out)
+            out = as_cpu_kernel_writes(n, out, list(args))
         env[n] = out
         got, want = tree_flatten(out)[0], tree_flatten(n.meta.get("val"))[0]
         for g, w in zip(got, want):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fusepass.ir import val
+from fusepass.ir import restride, val
 from fusepass.postops import REGISTRY
 from fusepass.ir.alias import why_not_inplace
 
@@ -72,6 +72,9 @@ def inplace_pointwise(gm, *, options, report) -> PassResult:
                 new.meta.update(node.meta)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
+                # the result has the receiving operand's strides; where eager's differ
+                # in size-1 dims only (alias.why_not_inplace compares the others), a view
+                restride(gm, new, tuple(val(args[0]).stride()))
                 report.record("inplace_pointwise", str(target), new.name, "rewritten",
                               f"result written into {args[0].name} (dead after the op)")
                 changed = True

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from bench import zoo as models
 from fusepass.capture import capture, lift_module
+from fusepass.ir import as_cpu_kernel_writes
 from fusepass.options import Options
 from fusepass.pipeline import verify
 from fusepass.report import Report
@@ -183,7 +184,10 @@ def assert_boundaries_once(gm, report):
 
 
 def assert_meta_strides_exact(gm):
-    """Re-propagate fake tensors and compare *strides* too (verify checks shapes)."""
+    """Re-propagate fake tensors and compare *strides* too, size-1 dims included (verify
+    skips those). The fake results get the CPU kernels' strides where the two are known to
+    differ (``as_cpu_kernel_writes``, as verify does; tests/test_strides.py checks that
+    rule against eager's real strides)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env = {}
     for n in gm.graph.nodes:
@@ -194,7 +198,7 @@ def assert_meta_strides_exact(gm):
         elif n.op == "call_function":
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
             with mode:
-                env[n] = n.target(*args, **kwargs)
+                env[n] = as_cpu_kernel_writes(n, n.target(*args, **kwargs), list(args))
     # compared at the end: an in-place op capture left (as_strided_) restrides its input's value
     for n, got in env.items():
         for g, want in zip(tree_leaves(got), tree_leaves(n.meta["val"])):

@@ -130,16 +130,14 @@ def graphs(draw):
     dim = draw(st.sampled_from([1, 2, 3]))
     c = draw(st.sampled_from([1, 3]))
     size = [draw(st.sampled_from([1, 2, 5])) for _ in range(dim)]
-    # cout >= 2: a conv whose output is contiguous and channels-last at once (cout == 1)
-    # still changes layout through a BatchNorm fold (issue 14, open)
-    return dict(dim=dim, c=c, cout=draw(st.sampled_from([2, 4])), size=size,
+    return dict(dim=dim, c=c, cout=draw(st.sampled_from([1, 2, 4])), size=size,
                 batch=draw(st.integers(0, 3)), k=draw(st.sampled_from([1, 3])),
                 bn_before=draw(st.booleans()), bn_after=draw(st.booleans()),
                 relu=draw(st.booleans()), residual=draw(st.sampled_from([None, "first", "second"])),
-                # a C == 1 input laid out channels-last is contiguous too: eager's conv
-                # then picks its output layout by backend heuristics the fake kernel does
-                # not model (issue 14, open)
-                model_cl=draw(st.booleans()), input_cl=c > 1 and draw(st.booleans()),
+                # C == 1 or cout == 1 laid out channels-last is contiguous too: the CPU's
+                # pointwise kernels and BatchNorm then return other strides than the fake
+                # ones (fusepass.ir.cpu_pointwise_strides)
+                model_cl=draw(st.booleans()), input_cl=draw(st.booleans()),
                 pool=draw(st.booleans()))
 
 
@@ -199,3 +197,109 @@ def test_batchnorm_after_a_single_channel_conv_is_not_folded_across_a_layout_cha
     rep = check(m, x)
     assert "fold.bn.conv2d" not in rep.counts
     assert any("ambiguous with a size-1 dim" in d.reason for d in rep.where(action="declined")), rep
+
+
+# ------------------------------------------------------------------ ambiguous strides
+# A value with a size-1 dim laid out channels-last is contiguous too. The CPU kernels of
+# pointwise ops and BatchNorm then allocate their result contiguous (TensorIterator's fast
+# setup) where the fake kernels keep channels-last strides; a later conv reads even a
+# size-1 dim's stride to choose its layout.
+
+def test_relu_after_a_one_channel_conv_keeps_eagers_strides():
+    """eager (36, 36, 6, 1): the fused conv+relu kernel writes (36, 1, 6, 1); a free view
+    restrides it."""
+    rep = check(nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), nn.ReLU()),
+                torch.randn(1, 3, 6, 6).to(memory_format=torch.channels_last))
+    assert rep.rewrites.get("conv2d.relu") == 1, rep
+
+
+def test_a_residual_of_one_channel_values_is_contiguous_as_on_the_cpu():
+    """x + bn(conv(x)) with C == 1: the CPU's add returns contiguous strides, so the next
+    conv runs contiguous (eager (20, 10, 5, 1)); the fake add kept channels-last and the
+    conv came back channels-last (20, 1, 10, 2)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.conv2 = nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1), nn.Conv2d(1, 2, 1)
+
+        def forward(self, x):
+            return self.conv2(x + self.bn(self.conv(x)))
+
+    check(M(), torch.randn(1, 1, 2, 5).to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_pool_to_one_after_a_batch_norm_of_one_channel_keeps_eagers_strides(dim):
+    """adaptive_avg_pool(x, 1) restrides to channels-last when its input suggests it; the
+    trace decided that on the fake input (channels-last), the CPU on the real one
+    (contiguous, after a one-channel BatchNorm): eager (2, 1, 1, 1)."""
+    conv = nn.Conv2d if dim == 2 else nn.Conv3d
+    bn = nn.BatchNorm2d if dim == 2 else nn.BatchNorm3d
+    pool = F.adaptive_avg_pool2d if dim == 2 else F.adaptive_avg_pool3d
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv, self.conv2 = bn(1), conv(1, 4, 3, padding=1), conv(4, 2, 1)
+
+        def forward(self, x):
+            return self.conv2(pool(self.conv(self.bn(x)), 1))
+
+    shape = (1, 1, 2, 5) if dim == 2 else (2, 1, 2, 2, 1)
+    check(M(), torch.randn(shape).to(memory_format=CL[dim + 2]))
+
+
+def _ambiguous(shape):
+    """The strides oneDNN's channels-last conv writes for ``shape`` (size-1 dims included)."""
+    return torch.empty(shape, memory_format=CL[len(shape)]).normal_()
+
+
+_POINTWISE = {
+    "relu": lambda x: torch.relu(x), "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu,
+    "hardswish": F.hardswish, "leaky_relu": lambda x: F.leaky_relu(x, 0.1),
+    "hardtanh": lambda x: F.hardtanh(x, 0.0, 6.0), "clamp": lambda x: torch.clamp(x, 0.0, 6.0),
+    "add_number": lambda x: x + 2.0, "mul_number": lambda x: x * 2.0,
+    "add_self": lambda x: x + x,
+}
+# ops with a tensor operand c, made from x's shape
+_WITH = {"add_contiguous": (lambda x, c: x + c, lambda x: torch.ones(x.shape)),
+         "mul_channel": (lambda x, c: x * c, lambda x: torch.ones(x.shape[1], *([1] * (x.dim() - 2))))}
+_POINTWISE.update({k: f for k, (f, _) in _WITH.items()})
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 6, 6), (2, 3, 1, 1), (2, 1, 1, 5), (2, 1, 3, 1, 2),
+                                   (3, 1, 1, 1, 2), (2, 3, 4, 5)], ids=str)
+@pytest.mark.parametrize("op", sorted(_POINTWISE))
+def test_meta_of_pointwise_ops_has_the_cpu_kernels_strides(op, shape):
+    """Capture's meta (fake, corrected by ``ir.cpu_pointwise_strides``) against the real
+    CPU kernel's strides, size-1 dims included, on values contiguous and channels-last
+    at once (and one that is not, (2, 3, 4, 5))."""
+    from fusepass.capture import capture, lift_module
+
+    x = _ambiguous(shape)
+    c = _WITH[op][1](x) if op in _WITH else None
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", c)
+
+        def forward(self, x):
+            return _POINTWISE[op](x, self.c) if op in _WITH else _POINTWISE[op](x)
+
+    lifted, weights = lift_module(torch.fx.symbolic_trace(M()))
+    with torch.no_grad():
+        gm = capture(lifted, weights() + [x], freeze=True).gm
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    meta = (out[0] if isinstance(out, (tuple, list)) else out).meta["val"]
+    with torch.no_grad():
+        assert meta.stride() == M()(x).stride()
+
+
+def test_stride_bench_on_the_tiny_net():
+    """bench/strides.py runs, and its tiny net (conv-BN-ReLU, residual, SE) keeps eager's
+    output strides, with oneDNN kernels."""
+    from bench.strides import measure
+    row = measure("tiny", 1, 1)
+    assert row["strides_equal_eager"], row
+    assert row["ops"].get("mkldnn._convolution_pointwise.default", 0) >= 1, row

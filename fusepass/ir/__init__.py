@@ -11,7 +11,7 @@ import operator
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def full_args(node: fx.Node) -> list:
@@ -75,21 +75,141 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, before: fx
 
 _BATCH_NORM = {torch.ops.aten.native_batch_norm.default,
                torch.ops.aten._native_batch_norm_legit_no_training.default}
+_aten = torch.ops.aten
+# pointwise ops that allocate like empty_like(input) on the CPU: the input's strides
+_KEEPS_INPUT = {_aten.hardtanh.default}
+# their Python-number operand becomes a 0-d operand of the TensorIterator (then not all
+# operands have the result's shape, and the result keeps its tensor operand's strides)
+_NUMBER_OPERAND = {getattr(_aten, f"{op}").Tensor for op in ("add", "sub", "mul", "div")} | {
+    getattr(_aten, f"{op}").Scalar for op in ("add", "sub", "mul", "div")}
+_TI_ALLOCATING = {_aten.hardswish.default}  # a TensorIterator op without the pointwise tag
 
 
-def as_cpu_kernel_writes(node: fx.Node, out):
+def _pointwise(target) -> bool:
+    """An out-of-place pointwise ATen op (an in-place one returns its operand)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or schema.is_mutable:
+        return False
+    return target in _TI_ALLOCATING or (
+        torch.Tag.pointwise in getattr(target, "tags", ())
+        and target not in (_aten.clone.default, _aten.copy.default))
+
+
+def _number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def cpu_pointwise_strides(target, out, operands):
+    """The strides the CPU kernel of the pointwise op ``target`` gives its result, where
+    its fake kernel (strides from a stride sort) differs: only for operands that are
+    contiguous and channels-last at once (a size-1 dim), so only the strides of size-1
+    dims, which a later conv reads to choose its layout. ``operands``: the op's tensor and
+    number operands, in order. Measured on torch 2.13 over unary, scalar and tensor-tensor
+    forms of 22 ops, 14 shapes with size-1 dims, 1-d to 3-d layouts (every case but a
+    broadcast operand first at batch 1; empty tensors not modelled):
+    TensorIterator's fast setup, when every operand has the result's shape, allocates it
+    contiguous if they all are contiguous ("ambiguous cases (NC11) are always treated as
+    contiguous", TensorIterator.cpp), else channels-last if 4-d and all are; a Python
+    number operand, or ``hardtanh`` (empty_like), keeps the tensor operand's strides.
+    Returns None where the fake's strides stand."""
+    if not isinstance(out, torch.Tensor) or out.numel() == 0 or not _pointwise(target):
+        return None
+    tensors = [a for a in operands if isinstance(a, torch.Tensor)]
+    if not tensors:
+        return None
+    if target in _KEEPS_INPUT or (target in _NUMBER_OPERAND and any(map(_number, operands))):
+        t = tensors[0]
+        if len(tensors) == 1 and t.shape == out.shape and _dense(t):
+            return tuple(t.stride())
+        return None
+    if any(tuple(t.shape) != tuple(out.shape) for t in tensors):
+        return None
+    if all(t.is_contiguous() for t in tensors):
+        fmt = torch.contiguous_format
+    elif out.dim() == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+        fmt = torch.channels_last
+    else:
+        return None
+    return tuple(torch.empty(out.shape, device="meta", memory_format=fmt).stride())
+
+
+def _dense(t) -> bool:
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+    return is_non_overlapping_and_dense_or_false(t)
+
+
+def with_strides(v: torch.Tensor, strides) -> torch.Tensor:
+    """A fake tensor of ``v``'s mode, shape and dtype with ``strides``."""
+    with v.fake_mode:
+        return torch.empty_strided(v.shape, strides, dtype=v.dtype, device=v.device)
+
+
+def as_cpu_kernel_writes(node: fx.Node, out, args=None):
     """``out`` (a fake result of ``node``) with the strides the CPU kernel really writes,
     where the fake kernel differs (measured, torch 2.13): ``native_batch_norm`` of an input
     that is contiguous and channels-last at once (C == 1, [N,C,1,1]) writes a contiguous
-    result; the fake keeps the input's channels-last strides."""
-    if node.target not in _BATCH_NORM or not isinstance(out, (tuple, list)):
+    result; the fake keeps the input's channels-last strides. Pointwise ops: see
+    ``cpu_pointwise_strides``. ``args``: the operand values, when not the meta of
+    ``node``'s arguments."""
+    if args is None:
+        args = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
+    if node.op != "call_function" or not isinstance(out, (torch.Tensor, tuple, list)):
         return out
-    x = node.args[0].meta.get("val")
-    if x is None or not x.is_contiguous():
+    if isinstance(out, torch.Tensor):
+        if not isinstance(out, FakeTensor):
+            return out
+        want = cpu_pointwise_strides(node.target, out, args)
+        return out if want is None or want == tuple(out.stride()) else with_strides(out, want)
+    if node.target not in _BATCH_NORM:
+        return out
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or not x.is_contiguous():
         return out
     with out[0].fake_mode:
         y = torch.empty(out[0].shape, dtype=out[0].dtype, device=out[0].device)
     return out if y.stride() == out[0].stride() else (y, *out[1:])
+
+
+def restride(gm, new, written):
+    """The kernel or in-place op ``new`` writes ``written``; where the strides its meta
+    holds (eager's) differ in size-1 dims only, a free ``as_strided`` view gives them:
+    the node's meta becomes what it writes, the view's eager's (a later conv reads even a
+    size-1 dim's stride to choose its layout, and graph outputs keep eager's strides
+    exactly). Returns the view, or ``new`` when the strides agree."""
+    y = val(new)
+    if not isinstance(y, torch.Tensor) or tuple(y.stride()) == tuple(written):
+        return new
+    truth = with_strides(y, written)
+    if not _can_tell(new, truth):
+        new.meta["val"] = truth  # no user's result changes: no view (EfficientNet: 32 of them)
+        return new
+    users = list(new.users)
+    with gm.graph.inserting_after(new):
+        view = gm.graph.call_function(_aten.as_strided.default,
+                                      (new, list(y.shape), list(y.stride())))
+    view.meta.update({k: v for k, v in new.meta.items() if k != "fusepass_lowering_note"})
+    new.meta["val"] = truth
+    for u in users:
+        u.replace_input_with(new, view)
+    return view
+
+
+def _can_tell(node: fx.Node, new) -> bool:
+    """Whether a user of ``node`` computes another result (its strides) when ``node``'s
+    value is ``new`` instead of its meta: ATen and fusepass users are re-run on fake values
+    with the CPU kernels' strides; graph outputs and anything else can tell."""
+    for u in node.users:
+        if u.op != "call_function" or getattr(u.target, "namespace", None) not in ("aten", "fusepass"):
+            return True
+        args = fx.node.map_arg(u.args, lambda a: new if a is node else a.meta["val"])
+        kwargs = fx.node.map_arg(u.kwargs, lambda a: new if a is node else a.meta["val"])
+        with new.fake_mode:
+            out = as_cpu_kernel_writes(u, u.target(*args, **kwargs), list(args))
+        got, want = tree_leaves(out), tree_leaves(u.meta.get("val"))
+        if len(got) != len(want) or any(isinstance(g, torch.Tensor) and g.stride() != w.stride()
+                                        for g, w in zip(got, want)):
+            return True
+    return False
 
 
 def infer_meta(gm: fx.GraphModule, node: fx.Node):

@@ -17,7 +17,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
-from fusepass.ir import emit, val
+from fusepass.ir import emit, restride, val
 from fusepass.lowering.operands import operand_reason
 from fusepass.ops import KERNEL_DTYPES
 from fusepass.ir import alias
@@ -55,17 +55,24 @@ def kernel_format(x, w, dim):
     return torch.contiguous_format
 
 
+def kernel_strides(x, w, y) -> tuple:
+    """The strides the out-of-place conv kernel writes for the result ``y``."""
+    fmt = kernel_format(x, w, y.dim())
+    return tuple(torch.empty(y.shape, device="meta", memory_format=fmt).stride())
+
+
 def layout_reason(f):
-    """The kernel writes exactly the strides eager gives (``f.out``'s): eager picks its conv
+    """The kernel writes the memory layout eager gives (``f.out``'s): eager picks its conv
     kernel by heuristics, and a 3-d conv fed channels-last, or a conv1d fed a permuted
-    input, comes back in another layout than oneDNN's. Exactly, size-1 dims included: the
-    next conv reads them to choose its own layout."""
+    input, comes back in another layout than oneDNN's. Strides that differ only in size-1
+    dims (a one-channel result after relu: eager's CPU kernel makes it contiguous, the
+    conv writes channels-last) are restrided by the builder (``restride``)."""
     y = f.out
     if f.x is None or y is None or not isinstance(y, torch.Tensor):
         return None
+    want = kernel_strides(f.x, f.weight, y)
     fmt = kernel_format(f.x, f.weight, y.dim())
-    want = torch.empty(y.shape, device="meta", memory_format=fmt).stride()
-    if tuple(want) == tuple(y.stride()):
+    if all(a == b for a, b, d in zip(want, y.stride(), y.shape) if d > 1):
         return None
     return (f"oneDNN's conv writes {str(fmt).replace('torch.', '')} {tuple(want)}, eager "
             f"gives strides {tuple(y.stride())}")
@@ -88,7 +95,9 @@ def lower_conv(gm, node):
      other, post, scalars) = node.args
     attr, alg = _unary_attr(post, "conv")
     args = (x, w, b, padding, stride, dilation, groups, attr, list(scalars), alg)
-    return "mkldnn._convolution_pointwise", emit(gm, node, mkldnn._convolution_pointwise.default, args)
+    new = emit(gm, node, mkldnn._convolution_pointwise.default, args)
+    restride(gm, new, kernel_strides(val(x), val(w), val(new)))
+    return "mkldnn._convolution_pointwise", new
 
 
 def _suggests_channels_last(v) -> bool:
@@ -129,12 +138,14 @@ def lower_conv_binary(gm, node):
     if why_not is None:
         args = (other, x, w, b, padding, stride, dilation, groups, "add", None, unary, [], None)
         new = emit(gm, node, mkldnn._convolution_pointwise_.binary, args)
+        restride(gm, new, tuple(val(other).stride()))
         new.meta["fusepass_lowering_note"] = (
             f"in place into {other.name} (dead after the op; no input, output, constant "
             "or alias of anything live)")
         return "mkldnn._convolution_pointwise_.binary", new
     args = (x, other, w, b, padding, stride, dilation, groups, binop, None, unary, [], None)
     new = emit(gm, node, mkldnn._convolution_pointwise.binary, args)
+    restride(gm, new, kernel_strides(val(x), val(w), val(new)))
     new.meta["fusepass_lowering_note"] = why_not if why_not.startswith("out-of-place") else (
         f"out-of-place: {why_not}")
     return "mkldnn._convolution_pointwise.binary", new
