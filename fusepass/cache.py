@@ -50,7 +50,7 @@ import time
 
 import torch
 
-from fusepass.deploy import (FORMAT, VERSION, finish, fusepass_version, options_json, payload,
+from fusepass.deploy import (FORMAT, VERSION, check_graph, finish, fusepass_version, options_json, payload,
                              read, saved_decisions, tensor_bytes, write_atomic)
 from fusepass.pipeline import NEUTRAL_STAGES, run_pipeline
 from fusepass.report import Report
@@ -114,6 +114,7 @@ def cached_pipeline(gm, options, report: Report, recapture=None):
             if meta.get("extra", {}).get("key") != key:
                 raise DeployError("the entry's stored key is not its name")
             decisions = saved_decisions(meta, path)
+            check_graph(neutral, options, path)
         except DeployError as e:
             report.record("cache", "-", "-", "info", f"cache entry {key} unusable, rebuilt: {e}")
             _unlink(path)

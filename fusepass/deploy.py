@@ -10,7 +10,7 @@ runs on an AVX2 one with that CPU's kernels). No Dynamo, no capture, no pass but
 
 The file is one ``torch.save`` of a dict of plain data, read back with
 ``torch.load(weights_only=True)``:
-``{"format": "fusepass", "version": 1, "meta": json, "graph": json, "tensors": {name:
+``{"format": "fusepass", "version": 2, "meta": json, "graph": json, "tensors": {name:
 tensor}, "digest": sha256}``. ``graph`` is ``fusepass/serialize.py``'s schema (targets
 resolved by lookup in an allowlist of op namespaces: nothing in a file is code);
 ``meta`` holds the fusepass and torch versions, the options, the input specs (shape,
@@ -35,13 +35,14 @@ from torch.utils import _pytree as pytree
 
 from fusepass.capture import capture, lift_module
 from fusepass.options import OptionError, Options
-from fusepass.pipeline import NEUTRAL_STAGES, TARGET_STAGES, run_pipeline, same_strides
+from fusepass.pipeline import NEUTRAL_STAGES, TARGET_STAGES, run_pipeline, same_strides, verify
 from fusepass.report import Decision, Report
 from fusepass.serialize import (DeployError, FormatError, SaveError, VersionError,
                                 graph_from_json, graph_to_json, tensor_spec)
 
 FORMAT = "fusepass"
-VERSION = 1  # of the file layout and the graph schema; bump on any change to either
+VERSION = 2  # of the file layout and the graph schema; bump on any change to either
+# 2: node value specs are the loaded values (meta tensors), not re-derived by fake propagation
 NOT_SAVED = ("check", "verify", "cache_dir")  # per-process options, not part of a model
 
 
@@ -222,6 +223,20 @@ def saved_decisions(meta: dict, path="") -> list:
         raise FormatError(f"{path}: malformed report: {e}") from None
 
 
+def check_graph(gm: fx.GraphModule, options: Options, path="") -> None:
+    """With ``Options.verify``: every value spec of a read graph is what its op computes on
+    its inputs' (``pipeline.verify``'s fake propagation). Without it the specs are trusted:
+    they are covered by the digest, and that check costs a FakeTensorMode (the import of
+    ``torch._dynamo``) plus a propagation, most of what a load would pay."""
+    if not options.verify:
+        return
+    try:
+        verify(gm)
+    except Exception as e:
+        raise FormatError(f"{path}: the graph does not check on load: {type(e).__name__}: "
+                          f"{str(e)[:300]}") from None
+
+
 def finish(gm: fx.GraphModule, options: Options, report: Report) -> fx.GraphModule:
     """The target stages (lower for this CPU, prepack, in-place) on a neutral graph. A
     failing pass is undone from a snapshot (no recapture: the capture is not at hand)."""
@@ -327,12 +342,13 @@ def load(path, **options) -> LoadedModule:
     from the file; every unreadable file is a ``FormatError`` saying why."""
     path = os.fspath(path)
     gm, meta = read(path)
-    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]  # re-derived
+    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     if not all(isinstance(v, torch.Tensor) for v in inputs):
         raise FormatError(f"{path}: a graph with number inputs is a cache entry, not a model")
     if meta["inputs"] != [input_spec(v) for v in inputs]:
         raise FormatError(f"{path}: the input specs disagree with the graph's")
     opts = saved_options(meta, options, path)
+    check_graph(gm, opts, path)
     report = Report()
     report.decisions.extend(saved_decisions(meta, path))
     out_spec = _out_spec(meta, path)

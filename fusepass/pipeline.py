@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fusepass.errors import GraphError
-from fusepass.ir import as_cpu_kernel_writes, pin_constants
+from fusepass.ir import as_cpu_kernel_writes, is_meta_value, pin_constants, suggest_memory_format
 from fusepass.lowering import lower
 from fusepass.passes.fold_batchnorm import fold_batchnorm
 from fusepass.passes.fold_binary_constants import fold_binary_constants
@@ -132,12 +131,15 @@ def run_pipeline(gm, options, report, recapture=None, stages=None):
 
 def verify(gm):
     """lint + re-propagate fake tensors from the placeholders; compare with meta: shape,
-    dtype and the strides of every dim of size > 1."""
+    dtype and the strides of every dim of size > 1. A loaded graph's meta values are
+    compared the same way (``deploy.load`` runs this on the file's graph first)."""
     gm.graph.lint()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env = {}
 
     def fresh(v):
+        if is_meta_value(v):  # a loaded graph's value: a CPU tensor of that spec
+            return _refake(mode, v)
         return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v
 
     for n in gm.graph.nodes:
@@ -206,8 +208,10 @@ def _is_kernel(target) -> bool:
 
 
 def _refake(mode, v):
-    """A fake tensor of ``mode`` with ``v``'s shape, strides and dtype."""
+    """A fake tensor of ``mode`` with ``v``'s shape, strides and dtype (on the CPU for a
+    loaded graph's meta value)."""
     if not isinstance(v, torch.Tensor):
         return v
     with mode:
-        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
+                                   device="cpu" if is_meta_value(v) else v.device)

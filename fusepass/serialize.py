@@ -17,8 +17,16 @@ floats are themselves; a list is a JSON list; anything else is a one-key object:
 ``{"dtype": "float32"}``, ``{"memory_format": "channels_last"}``, ``{"layout": "strided"}``,
 ``{"device": "cpu"}``, ``{"t": [shape, stride, dtype, offset]}`` (a tensor's spec, in
 metas only). A node is ``{"name", "op", "target", "args", "kwargs", "meta"}``; its meta
-keeps the spec of its value (``val``) and fusepass's string annotations
-(``fusepass_source``, ``fusepass_layout``).
+keeps the spec of its value (``val``: a spec, a number, or lists/tuples of them, as the
+op returns) and fusepass's string annotations (``fusepass_source``, ``fusepass_layout``).
+
+The saved specs *are* the loaded graph's values (since format version 2): load builds
+each node's ``meta["val"]`` as a meta tensor of its spec instead of re-deriving it by fake
+propagation, which needs a FakeTensorMode and so imports ``torch._dynamo`` (~1.1 s of a
+fresh process, plus ~0.4 s of propagation for ResNet-50). The target stages (lowering,
+prepacking, in-place) read shapes, dtypes and strides only, and make the values of the
+nodes they add on the meta device (``fusepass.ir.value_mode``). That every spec is what
+its op computes is checked on load with ``Options.verify`` (``FUSEPASS_VERIFY=1``).
 """
 from __future__ import annotations
 
@@ -29,8 +37,6 @@ import re
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._pytree import tree_flatten
 
 
 class DeployError(Exception):
@@ -206,19 +212,9 @@ def graph_to_json(gm: fx.GraphModule) -> str:
     return json.dumps({"nodes": nodes}, separators=(",", ":"), allow_nan=False)
 
 
-def _spec_tree(v):
-    """A decoded meta: tensor specs as ("t", spec) tuples within lists/tuples."""
-    if isinstance(v, tuple) and len(v) == 2 and v[0] == "t":
-        return [v]
-    if isinstance(v, (list, tuple)):
-        return [s for x in v for s in _spec_tree(x)]
-    return []
-
-
 def graph_from_json(text: str, tensors: dict) -> fx.GraphModule:
     """Rebuild the GraphModule: constants as buffers (as capture registers them), every
-    node's ``meta["val"]`` re-derived by fake propagation and compared with the saved
-    spec (a graph that does not check is a FormatError, not a crash in lowering)."""
+    node's ``meta["val"]`` the meta tensor of its saved spec (``_set_values``)."""
     try:
         data = json.loads(text)
         items = data["nodes"]
@@ -239,7 +235,7 @@ def graph_from_json(text: str, tensors: dict) -> fx.GraphModule:
         except Exception as e:  # deep nesting, unhashable keys, ...: data, not a crash
             raise FormatError(f"malformed node {str(item)[:80]!r}: {type(e).__name__}") from None
     gm = fx.GraphModule(root, g)
-    _derive_meta(gm, saved)
+    _set_values(gm, saved)
     return gm
 
 
@@ -287,69 +283,59 @@ def _add_node(g, item, env, saved, tensors):
     for k in META_KEYS:
         if isinstance(meta.get(k), str):
             n.meta[k] = meta[k]
-    if op != "output":
-        saved[n] = decode(meta.get("val"), env)
+    if op != "output" and "val" in meta:
+        saved[n] = decode(meta["val"], env)
     env[name] = n
 
 
-def _fake(mode, spec):
-    """A fresh fake value of a saved spec (its storage offset does not matter to one)."""
-    shape, stride, dtype, _ = spec
-    with mode:
-        return torch.empty_strided(shape, stride, dtype=_named(_DTYPES, "dtype", dtype))
+def _spec(spec, where):
+    """A saved tensor spec, checked: [shape, strides, dtype, storage offset]."""
+    shape, stride, dtype, off = spec
+    if not (isinstance(shape, list) and isinstance(stride, list) and len(shape) == len(stride)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and all(type(s) is int for s in stride) and type(off) is int and off >= 0):
+        raise FormatError(f"{where}: malformed tensor spec {str(spec)[:80]!r}")
+    return shape, stride, _named(_DTYPES, "dtype", dtype)
 
 
-def _derive_meta(gm: fx.GraphModule, saved: dict):
-    from fusepass.ir import as_cpu_kernel_writes
-    from fusepass.pipeline import same_strides
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+def _meta(spec, where):
+    """The meta tensor a saved spec stands for (its storage offset does not matter to one)."""
+    shape, stride, dtype = _spec(spec, where)
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
-    def val(a):
-        return a.meta["val"] if isinstance(a, fx.Node) else a
 
+def _value(v, where):
+    """A decoded meta: tensor specs within lists/tuples become meta tensors."""
+    if isinstance(v, tuple) and len(v) == 2 and v[0] == "t":
+        return _meta(v[1], where)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_value(x, where) for x in v)
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
+    raise FormatError(f"{where}: a value that is neither a tensor spec nor a number")
+
+
+def _set_values(gm: fx.GraphModule, saved: dict):
+    """Every node's ``meta["val"]`` from the file, as meta tensors (``fusepass.ir``: a
+    loaded graph's values stand for CPU tensors): no fake propagation, so no
+    FakeTensorMode and no ``torch._dynamo`` import. The specs are covered by the file's
+    digest; a constant's must be its tensor's, an input's the file's input spec
+    (``deploy.load``). Whether every op's spec is what the op computes is checked with
+    ``Options.verify`` (``deploy.load`` runs ``pipeline.verify`` first: a FormatError)."""
     for n in gm.graph.nodes:
         if n.op == "output":
             continue
-        want = _spec_tree(saved.get(n))
-        try:
-            if n.op == "placeholder":
-                if isinstance(saved.get(n), (int, float)) and not isinstance(saved[n], bool):
-                    n.meta["val"] = saved[n]  # a number input, as capture leaves it
-                    continue
-                if len(want) != 1 or saved[n] != want[0]:
-                    raise FormatError("an input without a tensor spec")
-                n.meta["val"] = _fake(mode, want[0][1])
-                continue
-            if n.op == "get_attr":
-                n.meta["val"] = mode.from_tensor(getattr(gm, n.target), static_shapes=True)
-            else:
-                args = fx.node.map_arg(n.args, val)
-                kwargs = fx.node.map_arg(n.kwargs, val)
-                with mode:
-                    n.meta["val"] = as_cpu_kernel_writes(n, n.target(*args, **kwargs))
-        except FormatError as e:
-            raise FormatError(f"node {n.name}: {e}") from None
-        except Exception as e:
-            raise FormatError(f"node {n.name} ({n.target}) does not check on load: "
-                              f"{type(e).__name__}: {e}") from None
-        got = [t for t in tree_flatten(n.meta["val"])[0] if isinstance(t, torch.Tensor)]
-        if len(got) != len(want):
-            raise FormatError(f"node {n.name}: {len(got)} tensor value(s), the file says {len(want)}")
-        for i, (g, (_, (shape, stride, dtype, _off))) in enumerate(zip(got, want)):
-            w = _fake(mode, (shape, stride, dtype, 0))
-            if g.shape != w.shape or g.dtype != w.dtype or not same_strides(g, w):
-                raise FormatError(
-                    f"node {n.name} propagates to {tuple(g.shape)}/{g.dtype}/{tuple(g.stride())}"
-                    f" but the file says {tuple(shape)}/{dtype}/{tuple(stride)}")
-            if tuple(g.stride()) != tuple(stride):  # size-1 dims: keep what the saver saw
-                n.meta["val"] = _restride(n.meta["val"], i, w)
-
-
-def _restride(v, i, w):
-    if isinstance(v, torch.Tensor):
-        return w
-    leaves, spec = tree_flatten(v)
-    idx = [j for j, x in enumerate(leaves) if isinstance(x, torch.Tensor)][i]
-    leaves[idx] = w
-    from torch.utils._pytree import tree_unflatten
-    return tree_unflatten(leaves, spec)
+        where = f"node {n.name}"
+        if n not in saved:
+            raise FormatError(f"{where}: no value spec")
+        v = _value(saved[n], where)
+        if n.op == "placeholder" and not (isinstance(v, torch.Tensor) or (
+                isinstance(v, (int, float)) and not isinstance(v, bool))):
+            raise FormatError(f"{where}: an input without a tensor spec")
+        if n.op == "get_attr":
+            t = getattr(gm, n.target)
+            if not (isinstance(v, torch.Tensor) and v.shape == t.shape and v.dtype == t.dtype
+                    and v.stride() == t.stride()):
+                raise FormatError(f"{where}: its spec is not its tensor's "
+                                  f"{tuple(t.shape)}/{t.dtype}/{tuple(t.stride())}")
+        n.meta["val"] = v

@@ -30,7 +30,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fusepass.ir import add_constant, constant, delete_unused_attrs, fake_mode_of, is_constant, val
+from fusepass.ir import (add_constant, constant, delete_unused_attrs, is_constant, run_on_values, val,
+                         value_mode)
 from fusepass.layout_rules import cl_strides
 
 mkldnn = torch.ops.mkldnn
@@ -60,8 +61,8 @@ def _why_not(gm, node, kind, x, w):
 
 
 def _restrided(gm, node, y):
-    """The fake value of ``node`` with the packed kernel's (channels-last) strides."""
-    with fake_mode_of(gm):
+    """The value of ``node`` with the packed kernel's (channels-last) strides."""
+    with value_mode(gm):
         return torch.empty_strided(y.shape, cl_strides(y.shape), dtype=y.dtype)
 
 
@@ -73,7 +74,7 @@ def _ambiguous_reason(gm, node, y):
     reason = (f"NCHW conv (output strides {None if y is None else tuple(y.stride())}): with "
               "a packed weight oneDNN returns channels-last, which would change the layout "
               "eager gives downstream (propagate_layout decides layout)")
-    if y is None or fake_mode_of(gm) is None or not _same_memory(y.stride(), cl_strides(y.shape), y.shape):
+    if y is None or value_mode(gm) is None or not _same_memory(y.stride(), cl_strides(y.shape), y.shape):
         return reason
     why = _unseen(gm, node, _restrided(gm, node, y))
     return None if why is None else f"{reason} ({why})"
@@ -85,7 +86,7 @@ def _same_memory(a, b, shape) -> bool:
 
 def _unseen(gm, node, new, depth=0):
     """None when ``node`` taking the value ``new`` changes no user's result strides: an ATen
-    user is re-run on fake values; a stock oneDNN conv user (which reads its input's strides
+    user is re-run on the graph's values; a stock oneDNN conv user (which reads its input's strides
     to choose its layout) is followed when its own result stays the same memory; anything
     else (a graph output, another kernel) can tell."""
     for u in node.users:
@@ -103,8 +104,7 @@ def _unseen(gm, node, new, depth=0):
             return f"{u.name} reads the strides"
         args = fx.node.map_arg(u.args, lambda a: new if a is node else a.meta["val"])
         kwargs = fx.node.map_arg(u.kwargs, lambda a: new if a is node else a.meta["val"])
-        with fake_mode_of(gm):
-            out = u.target(*args, **kwargs)
+        out = run_on_values(value_mode(gm), u.target, args, kwargs)
         if not isinstance(out, torch.Tensor) or out.stride() != u.meta["val"].stride():
             return f"{u.name}'s result would change layout"
     return None

@@ -343,16 +343,120 @@ def test_unknown_op_name(saved, tmp_path, name):
         fusepass.load(path)
 
 
-def test_a_graph_that_does_not_check(saved, tmp_path):
-    # an input spec edited to another shape: re-derived metas disagree with the saved ones
+def test_an_input_spec_that_is_not_the_files_input_spec(saved, tmp_path):
     def edit(obj):
         g = json.loads(obj["graph"])
-        spec = g["nodes"][0]["meta"]["val"]["t"]
-        spec[0][2] += 1
+        g["nodes"][0]["meta"]["val"]["t"][0][2] += 1
         obj["graph"] = json.dumps(g)
     path = rewrite(saved[0], tmp_path / "g.fusepass", edit)
-    with pytest.raises(fusepass.FormatError, match="propagates to|does not check"):
+    with pytest.raises(fusepass.FormatError, match="input specs disagree"):
         fusepass.load(path)
+
+
+def _edit_first_conv_spec(obj):
+    """The first conv's saved result spec made one row taller than the op computes."""
+    g = json.loads(obj["graph"])
+    n = next(n for n in g["nodes"] if n["target"] == "fusepass.conv.default")
+    n["meta"]["val"]["t"][0][2] += 1
+    obj["graph"] = json.dumps(g)
+
+
+def test_a_graph_that_does_not_check(saved, tmp_path):
+    # the saved specs are the loaded values; with verify they are checked against a fake
+    # propagation of the graph (pipeline.verify), and a disagreement is the file's fault
+    path = rewrite(saved[0], tmp_path / "g.fusepass", _edit_first_conv_spec)
+    with pytest.raises(fusepass.FormatError, match="does not check on load"):
+        fusepass.load(path, verify=True)
+
+
+def test_a_constant_whose_spec_is_not_its_tensors(saved, tmp_path):
+    def edit(obj):
+        g = json.loads(obj["graph"])
+        n = next(n for n in g["nodes"] if n["op"] == "get_attr")
+        n["meta"]["val"]["t"][2] = "float64"
+        obj["graph"] = json.dumps(g)
+    path = rewrite(saved[0], tmp_path / "c.fusepass", edit)
+    with pytest.raises(fusepass.FormatError, match="not its tensor's"):
+        fusepass.load(path, verify=False)
+
+
+@pytest.mark.parametrize("spec", [[[-1, 3], [3, 1], "float32", 0], [[2, 3], [1], "float32", 0],
+                                  [[2, 3], [3, 1], "complex_thing", 0], [[2.5], [1], "float32", 0]])
+def test_a_malformed_value_spec(saved, tmp_path, spec):
+    def edit(obj):
+        g = json.loads(obj["graph"])
+        n = next(n for n in g["nodes"] if n["target"] == "fusepass.conv.default")
+        n["meta"]["val"]["t"] = spec
+        obj["graph"] = json.dumps(g)
+    path = rewrite(saved[0], tmp_path / "s.fusepass", edit)
+    with pytest.raises(fusepass.FormatError, match="tensor spec|dtype"):
+        fusepass.load(path, verify=False)
+
+
+def test_a_version_1_file_is_refused_with_the_reason(saved, tmp_path):
+    # version 1 files re-derived their metas on load; this loader takes them as values
+    path = rewrite(saved[0], tmp_path / "v1.fusepass", lambda o: o.update(version=1))
+    with pytest.raises(fusepass.VersionError, match="format version 1; .* reads version 2"):
+        fusepass.load(path)
+
+
+def test_loaded_values_are_the_saved_graphs_specs(tmp_path):
+    """Every node's meta after a read is a meta tensor with the shape, dtype and strides
+    (size-1 dims included) of the in-process neutral graph's fake value: ResNet-18 is
+    channels-last after propagate_layout, BERT has tuple-valued and view nodes."""
+    from fusepass.options import Options
+    from fusepass.report import Report
+    for i, (model, x) in enumerate([resnet(), bert()]):
+        gm, _ = deploy.neutral(model, [x], Options(), Report())
+        want = {n.name: n.meta["val"] for n in gm.graph.nodes  # not the folds' dead constants
+                if n.op != "output" and (n.users or n.op != "get_attr")}
+        fusepass.save(model, tmp_path / f"{i}.fusepass", [x])
+        got, _ = deploy.read(tmp_path / f"{i}.fusepass")
+        seen = 0
+        assert {n.name for n in got.graph.nodes if n.op != "output"} == set(want)
+        for n in got.graph.nodes:
+            if n.op == "output":
+                continue
+            w, g = flat(want[n.name]), flat(n.meta["val"])
+            assert len(w) == len(g), n.name
+            for a, b in zip(w, g):
+                assert b.is_meta and not isinstance(b, torch._subclasses.FakeTensor)
+                assert (b.shape, b.dtype, b.stride()) == (a.shape, a.dtype, a.stride()), n.name
+                seen += 1
+            if isinstance(want[n.name], (tuple, list)):
+                assert type(n.meta["val"]) is type(want[n.name]), n.name
+        assert seen >= len(want)
+        if i == 0:  # the convs run channels-last: strides that only the file can say
+            convs = [n for n in got.graph.nodes if n.target is torch.ops.fusepass.conv.default]
+            assert convs and all(n.meta["val"].is_contiguous(memory_format=torch.channels_last)
+                                 for n in convs)
+
+
+ONLY_LOAD = """
+import json, sys, torch
+import fusepass
+path, inputs = sys.argv[1:3]
+assert "torch._dynamo" not in sys.modules  # importing fusepass does not import it
+m = fusepass.load(path)
+out = m(torch.load(inputs))
+bad = [str(d) for d in m.fusepass_report.decisions if d.action in ("error", "fallback")]
+assert not bad, bad
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "sympy": "sympy" in sys.modules,
+                  "kernels": m.fusepass_report.kernels}))
+"""
+
+
+def test_a_process_that_only_loads_never_imports_dynamo(tmp_path, monkeypatch):
+    """Structural: fusepass.load + a call make no FakeTensorMode (which imports
+    torch._dynamo) and no symbolic shapes (sympy). Without verify, as a user loads;
+    verify's fake propagation is the check that needs them."""
+    model, x = resnet()
+    fusepass.save(model, tmp_path / "m.fusepass", [x])
+    torch.save(x, tmp_path / "x.pt")
+    monkeypatch.setenv("FUSEPASS_VERIFY", "0")
+    got = run_py(ONLY_LOAD, tmp_path / "m.fusepass", tmp_path / "x.pt")
+    assert got["kernels"]  # it lowered to oneDNN kernels
+    assert not got["dynamo"] and not got["sympy"]
 
 
 CODE = "x=__import__('os').system('touch {}')"

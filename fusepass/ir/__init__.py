@@ -2,10 +2,18 @@
 
 Small queries every pass needs: full positional arguments of an op node, the constant
 tensor behind a ``get_attr``, registering a new constant, and filling ``meta["val"]`` for
-nodes a pass creates (by running the op on the fake values of its inputs).
+nodes a pass creates (by running the op on the values of its inputs).
+
+A graph's values are of one of two kinds. A captured graph's are FakeTensors of one
+FakeTensorMode. A loaded graph's (``fusepass.load``, a compile-cache hit) are plain
+*meta* tensors built from the file's specs: a FakeTensorMode imports ``torch._dynamo``
+(~1.1 s in a fresh process), which a load must not pay. A plain meta tensor in a graph
+always stands for a CPU tensor (files hold CPU graphs only; a captured graph's values are
+never plain meta tensors). ``value_mode`` is where a pass makes new values of either kind.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -46,13 +54,46 @@ def constant(gm: fx.GraphModule, node) -> torch.Tensor:
     return getattr(gm, node.target)
 
 
-def fake_mode_of(gm: fx.GraphModule):
-    """The fake mode of the graph's own values (never an ambient tracing context's)."""
+META = torch.device("meta")
+
+
+def is_meta_value(v) -> bool:
+    """A loaded graph's value: a plain meta tensor (not a FakeTensor) standing for a CPU one."""
+    return isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) and v.is_meta
+
+
+def is_cpu_value(v) -> bool:
+    return v.device.type == "cpu" or is_meta_value(v)
+
+
+def value_mode(gm: fx.GraphModule):
+    """What new values of ``gm`` are made under: the fake mode of the graph's own values
+    (never an ambient tracing context's), the meta device for a loaded graph, or None."""
     for n in gm.graph.nodes:
         v = n.meta.get("val")
         if isinstance(v, FakeTensor):
             return v.fake_mode
+        if is_meta_value(v):
+            return META
     return None
+
+
+def value_of(mode, t: torch.Tensor):
+    """A value of ``mode``'s kind for the real tensor ``t`` (same shape, strides, dtype)."""
+    if mode is META:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return mode.from_tensor(t, static_shapes=True)
+
+
+def run_on_values(mode, node_target, args, kwargs, node=None):
+    """``node_target`` run on values (fake or meta) under ``mode``, with the strides the CPU
+    kernel writes (``as_cpu_kernel_writes``; on meta values also the CPU convolution's
+    layout choice, which the meta kernel does not make)."""
+    with mode:
+        out = node_target(*args, **kwargs)
+    if mode is META and node_target in _CONVOLUTION:
+        out = _cpu_conv_layout(out, args)
+    return out if node is None else as_cpu_kernel_writes(node, out)
 
 
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, before: fx.Node,
@@ -65,9 +106,9 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, before: fx
     gm.register_buffer(name, tensor, persistent=False)
     with gm.graph.inserting_before(before):
         n = gm.graph.get_attr(name)
-    mode = fake_mode_of(gm)
+    mode = value_mode(gm)
     if mode is not None and tensor.layout == torch.strided:
-        n.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
+        n.meta["val"] = value_of(mode, tensor)
     if source:
         n.meta["fusepass_source"] = source
     return n
@@ -165,7 +206,7 @@ def as_cpu_kernel_writes(node: fx.Node, out, args=None):
     x = args[0]
     if not isinstance(x, torch.Tensor) or not x.is_contiguous():
         return out
-    with out[0].fake_mode:
+    with out[0].fake_mode if isinstance(out[0], FakeTensor) else contextlib.nullcontext():
         y = torch.empty(out[0].shape, dtype=out[0].dtype, device=out[0].device)
     return out if y.stride() == out[0].stride() else (y, *out[1:])
 
@@ -213,8 +254,8 @@ def _can_tell(node: fx.Node, new) -> bool:
 
 
 def infer_meta(gm: fx.GraphModule, node: fx.Node):
-    """Fill node.meta["val"] by running its target on the fake values of its inputs."""
-    mode = fake_mode_of(gm)
+    """Fill node.meta["val"] by running its target on the values of its inputs."""
+    mode = value_mode(gm)
     if mode is None:
         return
 
@@ -224,10 +265,50 @@ def infer_meta(gm: fx.GraphModule, node: fx.Node):
     args = tree_map(to_val, node.args) if node.op == "call_function" else ()
     kwargs = tree_map(to_val, node.kwargs)
     if node.op == "get_attr":
-        node.meta["val"] = mode.from_tensor(getattr(gm, node.target), static_shapes=True)
+        node.meta["val"] = value_of(mode, getattr(gm, node.target))
     elif node.op == "call_function":
-        with mode:
-            node.meta["val"] = as_cpu_kernel_writes(node, node.target(*args, **kwargs))
+        node.meta["val"] = run_on_values(mode, node.target, args, kwargs, node)
+
+
+def suggest_memory_format(t) -> torch.memory_format:
+    """``Tensor.suggest_memory_format()`` for static shapes: c10's
+    ``is_channels_last_strides_2d/3d``, as ``torch._prims_common.suggest_memory_format``
+    computes it, without its symbolic-shape guards (they import sympy: ~0.8 s of a
+    fresh process's load)."""
+    if t.layout != torch.strided or t.dim() not in (4, 5):
+        return torch.contiguous_format
+    shape, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return torch.contiguous_format
+    low = 0
+    for d in ([1, 3, 2, 0] if t.dim() == 4 else [1, 4, 3, 2, 0]):
+        if shape[d] == 0 or strides[d] < low or (d == 0 and low == strides[1]):
+            return torch.contiguous_format
+        low = strides[d] * shape[d]
+    return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+
+
+_CONVOLUTION = {torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
+
+
+def _cpu_conv_layout(out, args):
+    """A meta convolution's result in the memory format the CPU kernel writes: the meta
+    kernel always answers contiguous; FakeTensorMode asks ATen's backend choice, as done
+    here with empty CPU tensors of the operands' specs (allocated, never touched)."""
+    x, w, b, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+
+    def cpu(t):
+        return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+
+    x, w = cpu(x), cpu(w)
+    backend = torch._C._select_conv_backend(x, w, cpu(b), stride, padding, dilation,
+                                            transposed, output_padding, groups, None)
+    if w.dim() == 3:  # as ATen and FakeTensorMode do: 1-d is decided as 2-d
+        x, w = x.contiguous().unsqueeze(2), w.unsqueeze(2)
+    fmt = torch._C._conv_determine_backend_memory_format(x, w, backend)
+    if out.dim() == 3 and fmt == torch.channels_last:
+        return out.unsqueeze(2).to(memory_format=fmt).squeeze(2)
+    return out.to(memory_format=fmt)
 
 
 def emit(gm: fx.GraphModule, node: fx.Node, target, args, kwargs=None, note=None) -> fx.Node:

@@ -42,10 +42,9 @@ import math
 import warnings
 
 import torch
-from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
-from fusepass.ir import constant, emit, infer_meta, is_constant, val
+from fusepass.ir import constant, emit, infer_meta, is_constant, suggest_memory_format, val
 from fusepass.ir import alias
 from fusepass.lowering.operands import operand_reason
 from fusepass.ops import KERNEL_DTYPES

@@ -14,10 +14,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch._prims_common import suggest_memory_format
 
 from fusepass import ops as fp
-from fusepass.ir import emit, restride, val
+from fusepass.ir import emit, restride, suggest_memory_format, val
 from fusepass.lowering.operands import operand_reason
 from fusepass.ops import KERNEL_DTYPES
 from fusepass.ir import alias

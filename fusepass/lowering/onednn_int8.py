@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fusepass import ops as fp
-from fusepass.ir import add_constant, alias, constant, fake_mode_of, val
+from fusepass.ir import add_constant, alias, constant, val, value_mode
 from fusepass.layout_rules import cl_strides
 from fusepass.lowering.table import register
 from fusepass.postops import REGISTRY
@@ -157,8 +157,8 @@ def _finish(gm, node, new, kernel, note=None):
 
 
 def _cl_fake(gm, y):
-    """A fake value like ``y``, channels-last."""
-    with fake_mode_of(gm):
+    """A value like ``y`` (fake or meta, as the graph's), channels-last."""
+    with value_mode(gm):
         return torch.empty_strided(y.shape, cl_strides(y.shape), dtype=y.dtype)
 
 
