@@ -195,6 +195,19 @@ def _mean(x, dims, keepdim, mdt):
     return aten.mean.dim(x, dims, keepdim, dtype=mdt)
 
 
+def _mean_restrided(x, dims, keepdim, mdt, size, stride, off):
+    """adaptive_avg_pool2d(1) of a channels-last tensor: capture's decomposition restores
+    the size-1 dims' strides with an ``as_strided`` view after the mean."""
+    return aten.as_strided.default(_mean(x, dims, keepdim, mdt), size, stride, off)
+
+
+def _mean_restrided_int8(x, z, dims, keepdim, mdt, size, stride, off):
+    """Without the view: the quantize after it did not keep those strides either (eager's
+    quantize of a [N, C, 1, 1] view strided (C, 1, C, C) is strided (C, 1, 1, 1), as the
+    integer sum's result is)."""
+    return _mean_int8(x, z, dims, keepdim, mdt)
+
+
 ROWS = [
     # ATen's max_pool2d on a channels-last uint8 tensor with C*H*W > 255 raises (its index
     # type is the input's); the quantized engine's takes plain u8 tensors in any layout
@@ -210,4 +223,8 @@ ROWS = [
                      comment="quantize(avg_pool2d(dequantize(x))) -> round(avg_pool2d(x)), odd windows"),
     _passthrough_row("mean", _mean, ["dims", "keepdim", "mdt"], int8_op=_mean_int8, guard=global_mean,
                      comment="quantize(mean_HW(dequantize(x))) -> (2 sum(x) + N) // 2N, N odd"),
+    _passthrough_row("mean.restrided", _mean_restrided,
+                     ["dims", "keepdim", "mdt", "size", "stride", "off"],
+                     int8_op=_mean_restrided_int8, guard=global_mean,
+                     comment="the same, channels-last: as_strided after the mean"),
 ] + [_cat_row(n) for n in CAT_ARITIES]  # quantize(cat(dequantized)) -> cat of int8
