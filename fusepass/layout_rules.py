@@ -58,6 +58,7 @@ RULES: dict = {
     aten._adaptive_avg_pool2d.default: _FIRST,
     aten.adaptive_max_pool2d.default: _FIRST,
     aten.mean.dim: LayoutRule((0,), _arg(1, lambda dims: set(dims or ()) <= SPATIAL and dims)),
+    aten.sum.dim_IntList: LayoutRule((0,), _arg(1, lambda dims: set(dims or ()) <= SPATIAL and dims)),
     # resampling and padding
     aten.upsample_nearest2d.default: _FIRST,
     aten.upsample_nearest2d.vec: _FIRST,
@@ -73,6 +74,9 @@ RULES: dict = {
     aten.slice.Tensor: LayoutRule((0,), _channel_dim),
     # a plain copy keeps its input's layout
     aten.clone.default: LayoutRule((0,), _arg(1, lambda f: f in (None, torch.preserve_format))),
+    # a dtype conversion that keeps the layout (the int8 average pooling rows' spelling)
+    aten._to_copy.default: LayoutRule((0,), lambda a: a[6] in (None, torch.preserve_format)
+                                      and a[2:5] == [None, None, None]),
     # getitem of a member's tuple (BN, max-pool, split): passthrough
     operator.getitem: LayoutRule((), None),
 }
@@ -85,7 +89,8 @@ for _op in ["add", "sub", "mul", "div"]:
 for _op in ["mish", "neg", "abs", "exp", "sqrt", "rsqrt", "reciprocal", "erf", "softplus",
             "maximum", "minimum"]:
     RULES[getattr(aten, _op).default] = _ALL
-RULES.update({aten.clamp.default: _ALL, aten.pow.Tensor_Scalar: _ALL, aten.where.self: _ALL})
+RULES.update({aten.clamp.default: _ALL, aten.pow.Tensor_Scalar: _ALL, aten.where.self: _ALL,
+              aten.round.default: _ALL, aten.div.Scalar_mode: _ALL})
 # PT2E's per-tensor quantize/dequantize: elementwise, the scale and zero point are numbers
 _qd = fp.quantized_decomposed()
 RULES.update({_qd.quantize_per_tensor.default: _FIRST, _qd.dequantize_per_tensor.default: _FIRST,

@@ -237,60 +237,7 @@ def _qaccum_row(family, qop, arg_names):
                 f"int8-output q{family} + dequantize(r): accumulates into r itself")
 
 
-def same_qparams(dtypes):
-    """The quantize after the op restores exactly the dequantize's parameters (the
-    quantizer shared them: X86InductorQuantizer does for pooling and views), of a dtype
-    the int8 op takes."""
-    def guard(m):
-        a = [m[k] for k in ("s", "z", "lo", "hi", "dt")]
-        b = [m[k] for k in ("s2", "z2", "lo2", "hi2", "dt2")]
-        if a != b:
-            return f"quantize parameters {b} differ from the dequantize's {a}"
-        if m["dt"] not in dtypes:
-            return f"dtype {m['dt']}: the int8 op takes {', '.join(map(str, dtypes))}"
-        return None
-    guard.__name__ = "same_qparams"
-    return guard
-
-
-QP, QP2 = ["s", "z", "lo", "hi", "dt"], ["s2", "z2", "lo2", "hi2", "dt2"]
-
-
-def _passthrough_row(name, op, arg_names, getitem=False, int8_op=None, dtypes=tuple(QRANGE)):
-    """quantize(op(dequantize(x)), same qparams) -> op(x): ``op`` moves or selects values
-    (max pooling, views), so it commutes with the monotone affine dequantize exactly.
-    ``int8_op`` is what computes it on the int8 tensor, when ``op`` itself cannot."""
-    names = ["x"] + QP + arg_names + QP2
-    k = len(arg_names)
-
-    def apply(x, rest):
-        y = op(x, *rest)
-        return y[0] if getitem else y
-
-    def pattern(*a):
-        x = _qd().dequantize_per_tensor.default(*a[:6])
-        return _qd().quantize_per_tensor.default(apply(x, a[6:6 + k]), *a[6 + k:])
-
-    def replacement(*a):
-        return int8_op(a[0], *a[6:6 + k]) if int8_op else apply(a[0], a[6:6 + k])
-
-    return Rule(f"int8.{name}", with_signature(pattern, names), with_signature(replacement, names),
-                same_qparams(dtypes), f"quantize({name}(dequantize(x))) -> {name} on the int8 tensor")
-
-
-aten = torch.ops.aten
-PASSTHROUGH = [
-    # ATen's max_pool2d on a channels-last uint8 tensor with C*H*W > 255 raises (its index
-    # type is the input's); the quantized engine's takes plain u8 tensors in any layout
-    _passthrough_row("max_pool2d", aten.max_pool2d_with_indices.default,
-                     ["k", "st", "p", "d", "ceil"], getitem=True,
-                     int8_op=torch.ops.quantized.max_pool2d.default, dtypes=(torch.uint8,)),
-    # flatten/reshape reach the IR as view (capture decomposes them)
-    _passthrough_row("view", aten.view.default, ["size"]),
-    _passthrough_row("permute", aten.permute.default, ["dims"]),
-]
-
-ROWS = PASSTHROUGH + [
+ROWS = [
     _quantize_row("conv2d", fp.conv, fp.qconv, CONV_ARGS, 4, conv2d),
     _requant_row("conv2d", fp.qconv, CONV_ARGS),
     _qaccum_row("conv2d", fp.qconv, CONV_ARGS),

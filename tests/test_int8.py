@@ -532,3 +532,193 @@ def test_passthrough_declines_other_qparams():
     assert action == "declined" and "differ" in reason
     with torch.no_grad():
         assert torch.equal(opt(x), m(x))
+
+
+# ------------------------------------------------------------------ int8 cat and average pooling
+from fusepass.patterns import TABLE  # noqa: E402
+from fusepass.patterns.quantized_passthrough import MAX_WINDOW  # noqa: E402
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+class QSandwich(nn.Module):
+    """quantize(fn(dequantize(q_i(x_i)))) -> dequantize, each input quantized with its own
+    parameters ``ins[i]`` and the output with ``out`` ((scale, zero point, hi) u8): what
+    convert_pt2e makes of a cat or pooling between quantized layers."""
+
+    def __init__(self, fn, ins, out):
+        super().__init__()
+        self.fn, self.ins, self.out = fn, ins, out
+
+    def forward(self, *xs):
+        ds = [dq(q(x, *p), *p) for x, p in zip(xs, self.ins)]
+        return dq(q(self.fn(*ds), *self.out), *self.out)
+
+
+def check_exact(m, xs, rule, action="rewritten"):
+    """The row's decision; outputs equal to the q/dq graph's bit for bit with eager's
+    strides, on the onednn and the reference lowering."""
+    g = torch.fx.Graph()  # traced by hand: fx's tracer takes no ``*xs`` forward
+    tracer = torch.fx.proxy.GraphAppendingTracer(g)
+    g.output(m(*(torch.fx.Proxy(g.placeholder(f"x{i}"), tracer) for i in range(len(xs)))).node)
+    gm = torch.fx.GraphModule(m, g)
+    with torch.no_grad():
+        opt = fusepass.optimize(gm, list(xs))
+        ref = fusepass.optimize(gm, list(xs), lowering="reference")
+    assert [a for a, _ in actions(opt, rule)] == [action], actions(opt, rule)
+    for o in (opt, ref):
+        with torch.no_grad():
+            want, got = m(*xs), o(*xs)
+        assert torch.equal(got, want), float((got - want).abs().max())
+        assert got.stride() == want.stride(), (got.stride(), want.stride())
+    return opt
+
+
+CAT_ROWS = TABLE.select("int8.cat")
+
+
+def test_cat_rows_cover_every_count():
+    assert [r.name for r in CAT_ROWS] == [f"int8.cat{n}" for n in range(2, len(CAT_ROWS) + 2)]
+
+
+@pytest.mark.parametrize("rule", CAT_ROWS, ids=lambda r: r.name)
+@settings(max_examples=examples(2))
+@given(dim=st.sampled_from([1, 2, -1]), layout=st.sampled_from(sorted(LAYOUTS)),
+       hi=st.sampled_from([127, 255]), zp=st.integers(0, 20), batch=st.sampled_from([1, 3]),
+       sizes=st.lists(st.integers(1, 4), min_size=32, max_size=32))
+def test_int8_cat_rows(rule, dim, layout, hi, zp, batch, sizes):
+    """quantize(cat(dequantize(x_i))) with shared parameters: a cat of the u8 tensors, no
+    dequantize of an input and no quantize of the output left (only the inputs' own
+    quantizes and the final dequantize), values and strides as the graph's."""
+    n = int(rule.name.removeprefix("int8.cat"))
+    p = (0.05, zp, hi)
+    m = QSandwich(lambda *ds: torch.cat(ds, dim), [p] * n, p)
+    xs = []
+    for i in range(n):
+        shape = [batch, 3, 5, 4]
+        shape[dim] = sizes[i]
+        xs.append(torch.randn(shape).contiguous(memory_format=LAYOUTS[layout]))
+    opt = check_exact(m, xs, rule.name)
+    h = histogram(opt)
+    assert quantize_ops(opt) == n and quantize_ops(opt, "dequantize_per_tensor") == 1, h
+    assert h["aten.cat"] == 1, h
+
+
+@pytest.mark.parametrize("differ", [[1], [0, 2]])
+def test_cat_requantizes_inputs_with_other_parameters(differ):
+    """An input quantized with other parameters than the output's is requantized to
+    them on its own, before the int8 cat: exact (cat only moves values)."""
+    out = (0.05, 3, 127)
+    ins = [(0.11, 9, 255) if i in differ else out for i in range(3)]
+    m = QSandwich(lambda *ds: torch.cat(ds, 1), ins, out)
+    xs = [torch.randn(2, c, 6, 6) for c in (3, 4, 5)]
+    opt = check_exact(m, xs, "int8.cat3")
+    # the inputs' quantizes + one requantize per differing input; its dequantize + the output's
+    assert quantize_ops(opt) == 3 + len(differ), histogram(opt)
+    assert quantize_ops(opt, "dequantize_per_tensor") == 1 + len(differ), histogram(opt)
+
+
+def test_cat_declines_when_no_input_shares_the_output_parameters():
+    m = QSandwich(lambda a, b: torch.cat([a, b], 1), [(0.11, 9, 255), (0.07, 0, 127)], (0.05, 3, 127))
+    xs = [torch.randn(1, 2, 4, 4), torch.randn(1, 3, 4, 4)]
+    opt = check_exact(m, xs, "int8.cat2", action="declined")
+    (_, reason), = actions(opt, "int8.cat2")
+    assert "no input's quantize parameters are the output's" in reason, reason
+    assert histogram(opt)["aten.cat"] == 1 and quantize_ops(opt) == 3
+
+
+ODD_WINDOWS = [(1, 1), (1, 3), (3, 3), (3, 5), (5, 5), (7, 7), (11, 11)]
+
+
+@settings(max_examples=examples(12))
+@given(k=st.sampled_from(ODD_WINDOWS), stride=st.sampled_from([1, 2, None]),
+       pad=st.sampled_from([0, 1]), layout=st.sampled_from(sorted(LAYOUTS)),
+       hi=st.sampled_from([127, 255]), zp=st.integers(0, 64), batch=st.sampled_from([1, 2]))
+def test_int8_avg_pool2d_row(k, stride, pad, layout, hi, zp, batch):
+    """avg_pool2d over odd windows on the u8 tensor: bit-identical to the q/dq graph
+    (``_pool_exact``), padding counted as the zero point; no quantize/dequantize left."""
+    pad = [min(pad, k[0] // 2), min(pad, k[1] // 2)]
+    p = (0.05, zp, hi)
+    m = QSandwich(lambda d: F.avg_pool2d(d, k, stride, pad), [p], p)
+    x = torch.randn(batch, 6, 13, 12).contiguous(memory_format=LAYOUTS[layout])
+    opt = check_exact(m, [x], "int8.avg_pool2d")
+    assert quantize_ops(opt) == 1 and quantize_ops(opt, "dequantize_per_tensor") == 1, histogram(opt)
+
+
+@settings(max_examples=examples(8))
+@given(hw=st.sampled_from([(3, 3), (5, 7), (7, 7), (11, 11)]),
+       layout=st.sampled_from(sorted(LAYOUTS)), hi=st.sampled_from([127, 255]),
+       zp=st.integers(0, 64), batch=st.sampled_from([1, 3]))
+def test_int8_global_pool_row(hw, layout, hi, zp, batch):
+    """adaptive_avg_pool2d to 1x1 (captured as mean over H, W; channels-last input: an
+    as_strided view after it) of an odd count: an int32 sum of the u8 tensor rounded in
+    integers, bit-identical to the graph."""
+    p = (0.05, zp, hi)
+    m = QSandwich(lambda d: F.adaptive_avg_pool2d(d, 1), [p], p)
+    x = torch.randn(batch, 16, *hw).contiguous(memory_format=LAYOUTS[layout])
+    restrided = layout == "channels_last"  # capture's as_strided view after the mean
+    opt = check_exact(m, [x], "int8.mean" + (".restrided" if restrided else ""))
+    h = histogram(opt)
+    assert quantize_ops(opt) == 1 and quantize_ops(opt, "dequantize_per_tensor") == 1, h
+    assert h["aten.sum"] == 1 and not h["aten.mean"], h
+
+
+def window_sums(n, hi):
+    """One window of ``n`` u8 values per sum 0..n*hi, the values spread as evenly as the
+    sum allows, then shuffled within the window: [1, sums, n]."""
+    s = torch.arange(n * hi + 1)
+    v = (s[:, None] // n + (torch.arange(n)[None, :] < (s % n)[:, None])).to(U8)
+    g = torch.Generator().manual_seed(0)
+    return v[:, torch.randperm(n, generator=g)][None]
+
+
+@pytest.mark.parametrize("hw", [(3, 3), (7, 7), (11, 11)])
+@pytest.mark.parametrize("s,z", [(0.05, 0), (1 / 3, 7), (0.0041, 64)])
+def test_pool_rounding_is_exact_for_every_window_sum(hw, s, z):
+    """Exhaustive over the window sums of odd windows up to the proven bound (11x11 =
+    MAX_WINDOW): the int8 rows' average equals the graph's for every sum, both rows."""
+    assert hw[0] * hw[1] <= MAX_WINDOW
+    v = window_sums(hw[0] * hw[1], 255).reshape(1, -1, *hw)  # one window per channel
+    p = (s, z, 255)
+    x = (v.float() - z) * s  # its quantize gives back exactly v (dequantize's inverse)
+    assert torch.equal(q(x, *p), v)
+    for fn, rule in ((lambda d: F.adaptive_avg_pool2d(d, 1), "int8.mean"),
+                     (lambda d: F.avg_pool2d(d, hw), "int8.avg_pool2d")):
+        check_exact(QSandwich(fn, [p], p), [x], rule)
+
+
+@pytest.mark.parametrize("case,rule,expect", [
+    ("2x2", "int8.avg_pool2d", "averages 4 values (even)"),
+    ("ceil", "int8.avg_pool2d", "ceil_mode"),
+    ("uncounted_pad", "int8.avg_pool2d", "count_include_pad=False"),
+    ("global_8x8", "int8.mean", "averages 64 values (even)"),
+    ("global_13x13", "int8.mean", "averages 169 values"),
+    ("other_qparams", "int8.avg_pool2d", "differ from the dequantize's"),
+])
+def test_avg_pool_declines_and_stays_exact(case, rule, expect):
+    p = (0.05, 5, 127)
+    fn, out, shape = {
+        "2x2": (lambda d: F.avg_pool2d(d, 2), p, (1, 4, 8, 8)),
+        "ceil": (lambda d: F.avg_pool2d(d, 3, 2, ceil_mode=True), p, (1, 4, 8, 8)),
+        "uncounted_pad": (lambda d: F.avg_pool2d(d, 3, 1, 1, count_include_pad=False), p, (1, 4, 8, 8)),
+        "global_8x8": (lambda d: F.adaptive_avg_pool2d(d, 1), p, (1, 4, 8, 8)),
+        "global_13x13": (lambda d: F.adaptive_avg_pool2d(d, 1), p, (1, 4, 13, 13)),
+        "other_qparams": (lambda d: F.avg_pool2d(d, 3), (0.07, 5, 127), (1, 4, 9, 9)),
+    }[case]
+    m = QSandwich(fn, [p], out)
+    opt = check_exact(m, [torch.randn(shape)], rule, action="declined")
+    (_, reason), = actions(opt, rule)
+    assert expect in reason, reason
+
+
+def test_even_windows_are_declined_for_a_measured_reason():
+    """What the decline of even windows rests on: over every 2x2 window sum, the integer
+    average (either rounding of ties) differs from the float graph by one step somewhere,
+    never by more."""
+    v = window_sums(4, 255).reshape(1, -1, 2, 2)
+    s, z = 0.0123, 7
+    want = q(F.avg_pool2d(dq(v, s, z, 255), 2), s, z, 255).int()
+    tot = F.avg_pool2d(v.float(), 2)
+    for got in (torch.round(tot), torch.round(tot - z) + z, torch.floor(tot + 0.5)):
+        d = (got.int() - want).abs()
+        assert int(d.max()) == 1, int(d.max())
