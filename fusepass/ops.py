@@ -55,27 +55,24 @@ def _fake_chain(y, other, post, scalars):
     return y
 
 
-def conv_reference(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
-                   other, post, scalars):
-    y = aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed,
-                                 output_padding, groups)
-    return apply_chain(y, other, post, scalars)
+def _conv(chain):
+    def kernel(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
+               other, post, scalars):
+        y = aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed,
+                                     output_padding, groups)
+        return chain(y, other, post, scalars)
+    return kernel
 
 
-def linear_reference(x, weight, bias, other, post, scalars):
-    y = aten.linear.default(x, weight, bias)
-    return apply_chain(y, other, post, scalars)
+def _linear(chain):
+    def kernel(x, weight, bias, other, post, scalars):
+        return chain(aten.linear.default(x, weight, bias), other, post, scalars)
+    return kernel
 
 
-def conv_fake(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
-              other, post, scalars):
-    y = aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed,
-                                 output_padding, groups)
-    return _fake_chain(y, other, post, scalars)
-
-
-def linear_fake(x, weight, bias, other, post, scalars):
-    return _fake_chain(aten.linear.default(x, weight, bias), other, post, scalars)
+# reference kernels (plain ATen) and fake kernels (the same, with eager's CPU strides)
+conv_reference, linear_reference = _conv(apply_chain), _linear(apply_chain)
+conv_fake, linear_fake = _conv(_fake_chain), _linear(_fake_chain)
 
 
 _lib = torch.library.Library("fusepass", "DEF")
