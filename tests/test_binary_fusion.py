@@ -439,3 +439,36 @@ def test_constant_evaluation_walks_a_deep_graph_without_recursing():
     assert evaluate_constants(gm, [c], c).op == "get_attr"  # folded
     folded = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target != "w")
     assert torch.equal(getattr(gm, folded.target), torch.full((3,), 2.0))
+
+
+def test_constant_evaluation_runs_nothing_upstream_of_a_non_constant_node():
+    """Whether a replacement's node is a constant expression is decided before anything
+    is evaluated. Evaluating while walking ran every constant sub-expression upstream of
+    the node — on an int8 graph each layer's ``dequantize(weight)`` — once per rewrite:
+    MobileNetV3's int8 compile spent 17 s in 2,160 dequantize calls for 184 rewrites.
+    A chain of layers each reading ``f(w_i)``: asking about the last layer evaluates no
+    ``f``; asking about a constant expression evaluates it once, and only it."""
+    import torch.fx as fx
+
+    from fusepass.rewrite import evaluate_constants
+    calls = []
+
+    def f(w):  # a constant sub-expression (dequantize(weight) in the int8 graph)
+        calls.append(w)
+        return w * 2
+
+    g = fx.Graph()
+    y = g.placeholder("x")
+    weights = {}
+    for i in range(5):
+        weights[f"w{i}"] = torch.full((3,), float(i))
+        y = g.call_function(torch.ops.aten.add.Tensor, (y, g.call_function(f, (g.get_attr(f"w{i}"),))))
+    g.output(y)
+    gm = fx.GraphModule(weights, g)
+    assert evaluate_constants(gm, [y], y) is y
+    assert calls == []
+    fw4 = y.args[1]
+    folded = evaluate_constants(gm, [fw4], fw4)
+    assert folded.op == "get_attr" and len(calls) == 1
+    assert torch.equal(getattr(gm, folded.target), torch.full((3,), 8.0))
+
