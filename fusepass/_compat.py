@@ -41,3 +41,13 @@ def batch_norm_as_native(node):
         x, w, b, training, momentum, eps = node.args
         return (x, w, b, None, None, training, momentum, eps)
     return None
+
+
+def is_non_overlapping_and_dense(t) -> bool:
+    """``torch._prims_common.is_non_overlapping_and_dense_or_false`` on 2.13 (False where a
+    symbolic size leaves it undecided); 2.8 has only ``is_non_overlapping_and_dense``,
+    which guards on symbolic sizes instead: the same answer on the static shapes 2.8's
+    IPEX path compiles."""
+    from torch import _prims_common as pc
+    fn = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
+    return fn(t)

@@ -472,3 +472,27 @@ def test_constant_evaluation_runs_nothing_upstream_of_a_non_constant_node():
     assert folded.op == "get_attr" and len(calls) == 1
     assert torch.equal(getattr(gm, folded.target), torch.full((3,), 8.0))
 
+
+@pytest.mark.parametrize("family", ["conv2d", "conv3d"])
+def test_a_binary_conv_with_one_output_pixel_fuses_where_onednn_can_build_it(family):
+    """torch 2.8's oneDNN (the IPEX env) cannot create the memory of a channels-last
+    binary conv with one output pixel (or one channel, not both); 2.13's can. Where the
+    probe says it cannot, the row declines with the reason (once a 3-d case slipped past a
+    2-d-only check and fell back at run time); where it can, the row fuses. Either way the
+    output is eager's."""
+    from fusepass.lowering.onednn import binary_one_channel_works
+    torch.manual_seed(0)
+    m = Residual(family, "add", k=2, padding=0, cout=2).eval()
+    spatial = (2, 2) if family == "conv2d" else (2, 2, 2)
+    fmt = torch.channels_last if family == "conv2d" else torch.channels_last_3d
+    x = torch.randn(2, 4, *spatial).to(memory_format=fmt)
+    t = torch.randn(2, 2, *[1] * len(spatial))  # the conv's output: 2 channels, one pixel
+    gm = optimize(m, [x, t])
+    rep = gm.fusepass_report
+    if binary_one_channel_works(x.dim()):
+        assert rep.counts == {f"{family}.add": 1}, rep.summary()
+    else:
+        assert rep.counts == {}, rep.summary()
+        assert any("one output channel or one output pixel" in r for r in declined(rep, f"{family}.add")), rep
+    with torch.no_grad():
+        assert_close(gm(x, t), m(x, t))

@@ -175,8 +175,8 @@ def cpu_pointwise_strides(target, out, operands):
 
 
 def _dense(t) -> bool:
-    from torch._prims_common import is_non_overlapping_and_dense_or_false
-    return is_non_overlapping_and_dense_or_false(t)
+    from fusepass._compat import is_non_overlapping_and_dense
+    return is_non_overlapping_and_dense(t)
 
 
 def with_strides(v: torch.Tensor, strides) -> torch.Tensor:

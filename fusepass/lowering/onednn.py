@@ -12,6 +12,7 @@ unary after it; no transposed conv.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -151,17 +152,20 @@ def lower_conv_binary(gm, node):
 
 
 @functools.cache
-def binary_one_channel_works() -> bool:
+def binary_one_channel_works(dim: int = 4) -> bool:
     """torch 2.8's oneDNN (the IPEX env) raises "could not create a memory" for a binary
     conv run channels-last whose output is one channel or one pixel (not both: a
-    layout-ambiguous output; measured over C in 1..3, HxW in 1x1, 1x2, 2x2); torch 2.13's
-    runs them all. The cases are degenerate convs; declining them costs nothing that
-    counts. Probed once on a 1x4x2x2 input, as the kernel would be called."""
-    x = torch.randn(1, 4, 2, 2).to(memory_format=torch.channels_last)
-    other = torch.randn(1, 1, 2, 2).to(memory_format=torch.channels_last)
+    layout-ambiguous output; measured over C in 1..3, HxW in 1x1, 1x2, 2x2 and DxHxW in
+    1x1x1, 1x1x2, 1x2x2, 2x2x2, batch 1 and 3); torch 2.13's runs them all. The cases are
+    degenerate convs; declining them costs nothing that counts. Probed once per ``dim``
+    (4: conv2d, 5: conv3d) on a one-channel output, as the kernel would be called."""
+    fmt = torch.channels_last if dim == 4 else torch.channels_last_3d
+    one = [1] * (dim - 2)
+    x = torch.randn(1, 4, *[2] * (dim - 2)).to(memory_format=fmt)
+    other = torch.randn(1, 1, *[2] * (dim - 2)).to(memory_format=fmt)
     try:
-        mkldnn._convolution_pointwise.binary(x, other, torch.randn(1, 4, 1, 1), None, [0, 0],
-                                             [1, 1], [1, 1], 1, "add", None, None, [], None)
+        mkldnn._convolution_pointwise.binary(x, other, torch.randn(1, 4, *one), None, [0] * len(one),
+                                             one, one, 1, "add", None, None, [], None)
         return True
     except RuntimeError:
         return False
@@ -173,9 +177,9 @@ def ambiguous_output_reason(f):
     and a contiguous one-channel input failed the same way. Shapes only, so the early
     check (``conv_binary_check``, asked at fusion and again at lowering) decides it."""
     y = f.out
-    if (isinstance(y, torch.Tensor) and y.dim() == 4
-            and (y.shape[1] == 1) != (y.shape[2] * y.shape[3] == 1)
-            and not binary_one_channel_works()):
+    if (isinstance(y, torch.Tensor) and y.dim() in (4, 5)
+            and (y.shape[1] == 1) != (math.prod(y.shape[2:]) == 1)
+            and not binary_one_channel_works(y.dim())):
         return (f"torch {torch.__version__}'s oneDNN cannot create the memory of a "
                 "binary conv with one output channel or one output pixel (probed)")
     return None
