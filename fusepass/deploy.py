@@ -31,6 +31,7 @@ import tempfile
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from fusepass.capture import capture, lift_module
@@ -100,10 +101,10 @@ def digest_of(obj: dict) -> str:
     return h.hexdigest()
 
 
-def _constants(gm: fx.GraphModule) -> dict:
+def _constants(gm: fx.GraphModule, external=frozenset()) -> dict:
     out = {}
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.users and n.target not in out:
+        if n.op == "get_attr" and n.users and n.target not in out and n.target not in external:
             t = getattr(gm, n.target).detach()
             if t.layout != torch.strided:
                 raise SaveError(f"constant {n.target} is {t.layout}: only dense tensors are saved")
@@ -114,8 +115,13 @@ def _constants(gm: fx.GraphModule) -> dict:
 
 
 def payload(gm: fx.GraphModule, options: Options, out_spec, report: Report,
-            extra: dict | None = None) -> dict:
-    """The dict a file holds, for the target-neutral graph ``gm``."""
+            extra: dict | None = None, external=()) -> dict:
+    """The dict a file holds, for the target-neutral graph ``gm``. ``external`` (the
+    compile cache only) names constants left out of the file, listed in
+    ``extra["captured"]``: the captured graph's own tensors, which the entry's key covers
+    by content (``cache.py``) and ``read_graph`` takes from the captured graph."""
+    if external:
+        extra = {**(extra or {}), "captured": sorted(external)}
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     if not all(isinstance(v, (torch.Tensor, int, float)) for v in inputs):
         raise SaveError("every input of a saved graph must be a tensor or a number")
@@ -130,7 +136,7 @@ def payload(gm: fx.GraphModule, options: Options, out_spec, report: Report,
             "out_spec": spec, "report": [[d.stage, d.rule, d.node, d.action, d.reason]
                                          for d in report.decisions], "extra": extra or {}}
     obj = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta, allow_nan=False),
-           "graph": graph_to_json(gm), "tensors": _constants(gm)}
+           "graph": graph_to_json(gm), "tensors": _constants(gm, frozenset(external))}
     obj["digest"] = digest_of(obj)
     return obj
 
@@ -160,6 +166,17 @@ def read(path) -> tuple[fx.GraphModule, dict]:
     """(the target-neutral graph with its constants and metas, the file's meta). Every
     way a file can be unreadable is a ``FormatError`` (``VersionError``,
     ``UnknownOpError``) saying which."""
+    gm, meta, _ = read_graph(path)
+    return gm, meta
+
+
+def read_graph(path, captured: dict | None = None):
+    """``read``, plus ``rebuild() -> GraphModule``: the same graph read again from the
+    data already in memory (how ``finish`` undoes a failed target stage, instead of a
+    graph copy before every stage). ``captured`` (the compile cache's hit) maps the names
+    of the captured graph's constants to their tensors: an entry lists in
+    ``meta["extra"]["captured"]`` the constants it did not store because they are the
+    captured graph's own (``payload``'s ``external``), and they are taken from there."""
     path = os.fspath(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -189,7 +206,15 @@ def read(path) -> tuple[fx.GraphModule, dict]:
     except Exception as e:
         raise FormatError(f"{path}: malformed metadata: {type(e).__name__}: {e}") from None
     check_versions(meta, path)
-    return graph_from_json(obj["graph"], obj["tensors"]), meta
+    tensors = dict(obj["tensors"])
+    external = meta.get("extra", {}).get("captured", [])
+    if external:
+        if not (captured is not None and isinstance(external, list)
+                and all(isinstance(k, str) and k in captured and k not in tensors for k in external)):
+            raise FormatError(f"{path}: refers to constants of a captured graph that is not "
+                              "this one (a cache entry is read with its captured graph only)")
+        tensors.update({k: captured[k] for k in external})
+    return graph_from_json(obj["graph"], tensors), meta, lambda: graph_from_json(obj["graph"], tensors)
 
 
 def check_versions(meta: dict, path="") -> None:
@@ -237,10 +262,15 @@ def check_graph(gm: fx.GraphModule, options: Options, path="") -> None:
                           f"{str(e)[:300]}") from None
 
 
-def finish(gm: fx.GraphModule, options: Options, report: Report) -> fx.GraphModule:
+def finish(gm: fx.GraphModule, options: Options, report: Report, rebuild=None) -> fx.GraphModule:
     """The target stages (lower for this CPU, prepack, in-place) on a neutral graph. A
-    failing pass is undone from a snapshot (no recapture: the capture is not at hand)."""
-    return run_pipeline(gm, options, report, stages=TARGET_STAGES)
+    failing pass is undone by ``rebuild()`` and a replay when given (``read_graph``'s:
+    the file's graph read again), else from a snapshot taken before every stage. A read
+    graph is a ``_LazyGraphModule`` (``serialize.graph_from_json``): its code is
+    generated here, once, so the first call does not pay it."""
+    gm = run_pipeline(gm, options, report, recapture=rebuild, stages=TARGET_STAGES)
+    _LazyGraphModule.force_recompile(gm)
+    return gm
 
 
 def neutral(model: torch.nn.Module, example_inputs, options: Options, report: Report):
@@ -341,7 +371,7 @@ def load(path, **options) -> LoadedModule:
     override the saved ones: ``lowering="reference"``), prepack once. Never runs code
     from the file; every unreadable file is a ``FormatError`` saying why."""
     path = os.fspath(path)
-    gm, meta = read(path)
+    gm, meta, rebuild = read_graph(path)
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     if not all(isinstance(v, torch.Tensor) for v in inputs):
         raise FormatError(f"{path}: a graph with number inputs is a cache entry, not a model")
@@ -356,6 +386,6 @@ def load(path, **options) -> LoadedModule:
                   f"loaded {os.path.basename(path)} (saved by fusepass {meta['fusepass_version']}, "
                   f"torch {meta['torch_version']}); lowered here for "
                   f"{torch.backends.cpu.get_cpu_capability()}")
-    gm = finish(gm, opts, report)
+    gm = finish(gm, opts, report, rebuild)
     gm.fusepass_report = report
     return LoadedModule(gm, inputs, out_spec, report, meta)

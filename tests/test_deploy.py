@@ -504,6 +504,123 @@ def cache_reasons(report):
     return [d.reason for d in report.decisions if d.stage == "cache"]
 
 
+def entry_is_whole(path) -> bool:
+    """A complete entry of this format whose digest matches its contents (it refers to
+    the captured graph's constants, so it is read as a graph only with that graph)."""
+    obj = torch.load(path, weights_only=True)
+    return obj["format"] == deploy.FORMAT and deploy.digest_of(obj) == obj["digest"]
+
+
+def mlp():
+    """Nothing folds: every constant of the neutral graph is a captured weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+    return model, torch.randn(4, 64)
+
+
+def test_an_entry_refers_to_the_captured_weights_instead_of_storing_them(tmp_path):
+    """A hit hashes each weight once: the key covers the captured weights, the entry does
+    not store (and its digest does not hash) the ones the neutral stages left alone."""
+    model, x = mlp()
+    miss = optimized(model, x, cache_dir=str(tmp_path))
+    entry, = tmp_path.glob("*" + SUFFIX)
+    obj = torch.load(entry, weights_only=True)
+    refs = json.loads(obj["meta"])["extra"]["captured"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert len(refs) == 4 and not obj["tensors"], (refs, list(obj["tensors"]))
+    assert entry.stat().st_size < weights / 4
+    hit = optimized(model, x, cache_dir=str(tmp_path))
+    assert any(r.startswith("cache hit") for r in cache_reasons(hit.fusepass_report))
+    assert histogram(hit) == histogram(miss)
+    with torch.no_grad():
+        assert bitwise_equal(hit(x), miss(x))
+        assert_close(hit(x), model(x))
+
+
+def test_an_entry_with_folded_weights_stores_them(tmp_path):
+    """ResNet's BatchNorms fold into its convs: those weights are new, so stored."""
+    model, x = resnet()
+    optimized(model, x, cache_dir=str(tmp_path))
+    entry, = tmp_path.glob("*" + SUFFIX)
+    obj = torch.load(entry, weights_only=True)
+    convs = sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert len(obj["tensors"]) >= 2 * convs  # folded weight and bias of each conv
+    hit = optimized(model, x, cache_dir=str(tmp_path))
+    assert any(r.startswith("cache hit") for r in cache_reasons(hit.fusepass_report))
+    with torch.no_grad():
+        assert_close(hit(x), model(x))
+
+
+def test_a_changed_weight_misses_although_the_entry_refers_to_weights(tmp_path):
+    """The referenced weights are the current captured ones, so an entry built from old
+    weights must never be found for new ones: it is another key."""
+    model, x = mlp()
+    optimized(model, x, cache_dir=str(tmp_path))
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0  # in place: same tensor object, same names
+    m = optimized(model, x, cache_dir=str(tmp_path))
+    assert any(r.startswith("cache miss") for r in cache_reasons(m.fusepass_report))
+    with torch.no_grad():
+        assert_close(m(x), model(x))
+    assert len(list(tmp_path.glob("*" + SUFFIX))) == 2
+
+
+def test_an_entry_that_refers_to_weights_is_no_model_file(tmp_path):
+    model, x = mlp()
+    optimized(model, x, cache_dir=str(tmp_path))
+    entry, = tmp_path.glob("*" + SUFFIX)
+    with pytest.raises(deploy.FormatError, match="captured graph"):
+        fusepass.load(entry)
+
+
+def test_load_generates_the_graphs_code_once(saved, monkeypatch):
+    """The target stages each recompile and so does the PassManager after each: on a
+    read graph (a _LazyGraphModule) only the last one generates code."""
+    calls = []
+    real = torch.fx.GraphModule.recompile
+
+    def counting(self):
+        calls.append(type(self).__name__)
+        return real(self)
+
+    path, x = saved
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile", counting)
+    m = fusepass.load(path)
+    assert len(calls) == 1, calls
+    with torch.no_grad():
+        assert_close(m(x), tiny()[0](x))  # and the first call generates none
+    assert len(calls) == 1, calls
+
+
+@pytest.mark.expect_fallback(r"^prepack_weights: RuntimeError: halfway \(pass undone\)$")
+def test_a_target_stage_failing_halfway_on_load_is_undone(saved, monkeypatch):
+    """On load a failed stage is undone by reading the file's graph again and replaying
+    the stages before it (no graph copy before every stage): the loaded graph is the one
+    lowering made, unpacked, and computes the model."""
+    import fusepass.pipeline as pipeline
+
+    def halfway(gm, *, options, report):
+        for n in list(gm.graph.nodes):
+            if n.op == "call_function" and n.users:
+                n.replace_all_uses_with(next(iter(gm.graph.nodes)))
+                break
+        gm.recompile()
+        raise RuntimeError("halfway")
+
+    path, x = saved
+    want = fusepass.load(path)
+    monkeypatch.setattr(pipeline, "STAGES", [(n, halfway if n == "prepack_weights" else f)
+                                             for n, f in pipeline.STAGES])
+    m = fusepass.load(path)
+    errors = m.fusepass_report.where(action="error")
+    assert [e.stage for e in errors] == ["prepack_weights"], errors
+    assert not m.fusepass_report.where(stage="prepack_weights", action="rewritten")
+    assert want.fusepass_report.where(stage="prepack_weights", action="rewritten")
+    assert histogram(m.graph_module) == histogram(want.graph_module)  # packing keeps ops
+    with torch.no_grad():
+        assert_close(m(x), tiny()[0](x))
+
+
 def test_cache_hit_in_process_is_bitwise_the_miss(tmp_path):
     model, x = tiny()
     plain = optimized(model, x)
@@ -559,7 +676,7 @@ def test_a_corrupt_entry_is_rebuilt_not_served(tmp_path):
     assert any("unusable, rebuilt" in r for r in cache_reasons(m.fusepass_report))
     with torch.no_grad():
         assert bitwise_equal(m(x), ref(x))
-    deploy.read(entry)  # rewritten, whole
+    assert entry_is_whole(entry)  # rewritten
     m = optimized(model, x, cache_dir=str(tmp_path))
     assert any(r.startswith("cache hit") for r in cache_reasons(m.fusepass_report))
 
@@ -649,7 +766,7 @@ def test_cache_across_processes_concurrent_writers_then_a_hit(tmp_path):
     assert all(r["cache"] for r in cold)
     entries = list(cache.glob("*" + SUFFIX))
     assert len(entries) == 1 and not list(cache.glob(".tmp-*"))
-    deploy.read(entries[0])  # a complete, valid entry
+    assert entry_is_whole(entries[0])  # a complete, valid entry
     warm = run_py(COMPILE_WITH_CACHE, cache, tmp_path / "y2.pt")
     assert warm["cache"] == ["cache hit"]
     assert warm["histogram"] == cold[0]["histogram"]
