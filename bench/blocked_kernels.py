@@ -27,11 +27,11 @@ import json
 import os
 import re
 import statistics
-import sys
-import tempfile
 import time
 
 import torch
+
+from bench.fp32_layers import onednn_verbose
 
 # ResNet-50's conv shapes (bench.zoo: stride on the 3x3): (k, stride, cin, cout, H_in), count
 SHAPES = [((7, 2, 3, 64, 224), 1), ((1, 1, 64, 64, 56), 1), ((3, 1, 64, 64, 56), 3),
@@ -84,25 +84,12 @@ def _wall(fn, seconds):
 
 def _prim(fn, calls):
     """{impl (src format): median ms} of the convolution primitives ``calls`` runs execute."""
-    with tempfile.TemporaryFile("w+") as log:
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(log.fileno(), 1)
-        try:
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                for _ in range(calls):
-                    fn()
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-        log.seek(0)
-        times = {}
-        for ln in log:
-            f = ln.strip().split(",")
-            if len(f) > 10 and f[2] == "primitive" and f[3] == "exec" and f[5] == "convolution":
-                src = re.search(r"src:f32:\w*:blocked:(\w+)", f[8])
-                times.setdefault(f"{f[6]} ({src.group(1) if src else '?'})", []).append(float(f[-1]))
+    times = {}
+    for ln in onednn_verbose(fn, calls):
+        f = ln.strip().split(",")
+        if len(f) > 10 and f[2] == "primitive" and f[3] == "exec" and f[5] == "convolution":
+            src = re.search(r"src:f32:\w*:blocked:(\w+)", f[8])
+            times.setdefault(f"{f[6]} ({src.group(1) if src else '?'})", []).append(float(f[-1]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -114,12 +101,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=0.25)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", default="", help="comma-separated substrings of shape names")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from bench.int8_kernels import cpu_flags
     cpu, flags = cpu_flags()
     rows = []
     for shape, count in SHAPES:
+        if a.only and not any(o in name(*shape) for o in a.only.split(",")):
+            continue
         fns = kernels(*shape, a.batch)
         for fn in fns.values():
             fn(), fn()
@@ -150,7 +140,7 @@ def main(argv=None):
                      f"{r['blocked']:.3f} ({', '.join(r['blocked_prim'])}) | {r['blocked'] / r['cl']:.2f} | "
                      f"{r['cl_cpu']:.3f} | {r['blocked_cpu']:.3f} | {r['blocked_cpu'] / r['cl_cpu']:.2f} | "
                      f"{pc:.3f} | {pb:.3f} | {pb / pc:.2f} |")
-    lines.append(f"| ResNet-50 convs (x count) | 53 | {tot['cl']:.1f} | {tot['blocked']:.1f} | "
+    lines.append(f"| ResNet-50 convs (x count) | {sum(r['count'] for r in rows)} | {tot['cl']:.1f} | {tot['blocked']:.1f} | "
                  f"{tot['blocked'] / tot['cl']:.2f} | {tot['cl_cpu']:.1f} | {tot['blocked_cpu']:.1f} | "
                  f"{tot['blocked_cpu'] / tot['cl_cpu']:.2f} | {ptot['cl']:.1f} | {ptot['blocked']:.1f} | "
                  f"{ptot['blocked'] / ptot['cl']:.2f} |")

@@ -49,14 +49,18 @@ def conv_key(k, stride, cin, cout, h):
 
 
 def _median_ms(fn, inputs, seconds):
+    """(median wall ms, median process CPU ms, calls). The CPU time counts every thread of
+    the process: at one thread and with no spinning it is the call's own work, without the
+    preemption a shared machine adds to the wall time."""
     for _ in range(3):  # compile (torch.compile's first call), first-touch of buffers
         fn(*inputs)
-    ts, end = [], time.perf_counter() + seconds
+    ts, cs, end = [], [], time.perf_counter() + seconds
     while time.perf_counter() < end or len(ts) < 5:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(*inputs)
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3, len(ts)
+        cs.append(time.process_time() - c0)
+    return statistics.median(ts) * 1e3, statistics.median(cs) * 1e3, len(ts)
 
 
 _PROBLEM = re.compile(r"mb(\d+)_ic(\d+)oc(\d+)_ih(\d+)oh(\d+)kh(\d+)sh(\d+)")
@@ -83,24 +87,39 @@ def _onednn_rows(lines, calls):
             for (op, key, impl), v in rows.items()]
 
 
-def profile_fusepass(model, inputs, calls):
-    from bench.configs import make_fusepass
-    fn, _ = make_fusepass(model, inputs)
-    median, n = _median_ms(fn, inputs, 4.0)
+def onednn_verbose(fn, calls):
+    """The ``ONEDNN_VERBOSE`` lines (exec, with ms) of ``calls`` runs of ``fn``: oneDNN
+    prints them to fd 1 from C, so fd 1 goes to a temp file meanwhile."""
     with tempfile.TemporaryFile("w+") as log:
         sys.stdout.flush()
         saved = os.dup(1)
         os.dup2(log.fileno(), 1)
         try:
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):  # exec lines with ms
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
                 for _ in range(calls):
-                    fn(*inputs)
+                    fn()
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
         log.seek(0)
-        rows = _onednn_rows(log.readlines(), calls)
+        return log.readlines()
+
+
+def ort_conv_key(shp, out):
+    """(class, key) of an ORT Conv/FusedConv from its profiled shapes [x, w, ...], [y]. Its
+    NCHWc convs (MLAS, after the NCHWc transformer) are reported by their logical NCHW
+    shapes, the weight as [cout, cin/groups, kh, kw] (checked on torch.onnx exports)."""
+    x, w, y = shp[0], shp[1], out[0]
+    k, stride = w[-1], max(1, round(x[2] / y[2]))
+    return conv_class(k, stride, x[1]), conv_key(k, stride, x[1], y[1], x[2])
+
+
+def profile_fusepass(model, inputs, calls):
+    from bench.configs import make_fusepass
+    fn, _ = make_fusepass(model, inputs)
+    median, cpu, n = _median_ms(fn, inputs, 4.0)
+    rows = _onednn_rows(onednn_verbose(lambda: fn(*inputs), calls), calls)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             fn(*inputs)
@@ -112,7 +131,7 @@ def profile_fusepass(model, inputs, calls):
         elif e.key.startswith(kernel_ops):  # the ops' own time, oneDNN primitives included
             rows.append({"op": e.key, "shape": "", "impl": "op total (not summed)", "ms": 0.0,
                          "count": e.count // calls, "op_ms": e.self_cpu_time_total / 1e3 / calls})
-    return median, n, rows
+    return median, cpu, n, rows
 
 
 def profile_openvino(model, inputs, calls):
@@ -125,12 +144,15 @@ def profile_openvino(model, inputs, calls):
     compiled = ov.Core().compile_model(ov_model, "CPU", cfg)
     request = compiled.create_infer_request()
     feed = _numpy_inputs(inputs)
-    median, n = _median_ms(lambda *_: request.infer(feed), inputs, 4.0)
+    median, cpu, n = _median_ms(lambda *_: request.infer(feed), inputs, 4.0)
     shapes = {}  # runtime node name -> (class, key)
     for op in compiled.get_runtime_model().get_ops():
         rt = op.get_rt_info()
         layer = rt["layerType"].astype(str) if "layerType" in rt else ""
         if layer != "Convolution" or op.get_input_size() < 2:
+            if layer in ("FullyConnected", "MatMul"):  # transformers: by operand shapes
+                shapes[op.get_friendly_name()] = (layer, " x ".join(
+                    str(list(i.get_partial_shape().to_shape())) for i in op.inputs()[:2]))
             continue
         xs = op.input(0).get_partial_shape().to_shape()
         ws = op.input(1).get_partial_shape().to_shape()
@@ -148,7 +170,7 @@ def profile_openvino(model, inputs, calls):
             r = rows[(op, key, p.exec_type)]
             r["ms"] += p.real_time.total_seconds() * 1e3 / calls
             r["count"] += 1
-    return median, n, [{"op": op, "shape": key, "impl": impl, "ms": v["ms"],
+    return median, cpu, n, [{"op": op, "shape": key, "impl": impl, "ms": v["ms"],
                         "count": v["count"] // calls} for (op, key, impl), v in rows.items()]
 
 
@@ -171,7 +193,7 @@ def profile_onnxruntime(model, inputs, calls):
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
         feed = dict(zip(names, _numpy_inputs(inputs)))
-        median, n = _median_ms(lambda *_: plain.run(None, feed), inputs, 4.0)
+        median, cpu, n = _median_ms(lambda *_: plain.run(None, feed), inputs, 4.0)
         del plain
         for _ in range(3 + calls):
             sess.run(None, feed)
@@ -187,19 +209,14 @@ def profile_onnxruntime(model, inputs, calls):
         op, key = a.get("op_name", "?"), ""
         shp = [list(s.values())[0] for s in a.get("input_type_shape", [])]
         out = [list(s.values())[0] for s in a.get("output_type_shape", [])]
-        if op in ("Conv", "FusedConv") and len(shp) >= 2 and len(shp[0]) == 4 and out:
-            k, stride = shp[1][-1], max(1, round(shp[0][2] / out[0][2]))
-            op, key = conv_class(k, stride, shp[0][1]), conv_key(k, stride, shp[0][1], out[0][1], shp[0][2])
-        elif op in ("Conv", "FusedConv") and shp and len(shp[0]) == 5:  # NCHWc (MLAS)
-            x, y = shp[0], out[0]
-            cin, cout = x[1] * x[4], y[1] * y[4]
-            w = shp[1]
-            k, stride = w[-1], max(1, round(x[2] / y[2]))
-            op, key = conv_class(k, stride, cin), conv_key(k, stride, cin, cout, x[2])
+        if op in ("Conv", "FusedConv") and len(shp) >= 2 and out and len(shp[0]) == 4:
+            op, key = ort_conv_key(shp, out)
+        elif op in ("Gemm", "MatMul", "FusedMatMul", "Attention", "MatMulNBits"):
+            key = " x ".join(str(x) for x in shp[:2])
         r = rows[(op, key, a.get("op_name", "?") + " " + a.get("provider", ""))]
         r["ms"] += e["dur"] / 1e3 / calls
         r["count"] += 1
-    return median, n, [{"op": op, "shape": key, "impl": impl, "ms": v["ms"],
+    return median, cpu, n, [{"op": op, "shape": key, "impl": impl, "ms": v["ms"],
                         "count": v["count"] // calls} for (op, key, impl), v in rows.items()]
 
 
@@ -226,24 +243,24 @@ def worker(which, model_name, batch, calls, out, threads):
     spec = MODELS[model_name]
     model, inputs = spec.build(0, "sdpa").eval(), spec.inputs(batch, 0)
     with torch.no_grad():
-        median, n, rows = PROFILERS[which](model, inputs, calls)
+        median, cpu, n, rows = PROFILERS[which](model, inputs, calls)
     rows.sort(key=lambda r: -r["ms"])
     with open(out, "w") as f:
-        json.dump({"which": which, "median_ms": median, "timed_calls": n, "rows": rows}, f, indent=1)
+        json.dump({"which": which, "median_ms": median, "cpu_ms": cpu, "timed_calls": n, "rows": rows}, f, indent=1)
 
 
 def summarize(sides):
     """markdown: per class x side, then the top rows of each side."""
     classes = ["stem 7x7/2", "1x1", "1x1/2", "3x3", "3x3/2"]
-    lines = ["| side | median ms | " + " | ".join(classes) + " | convs | rest |",
-             "|---|---:|" + "---:|" * (len(classes) + 2)]
+    lines = ["| side | median ms | CPU ms | " + " | ".join(classes) + " | convs | rest |",
+             "|---|---:|---:|" + "---:|" * (len(classes) + 2)]
     for which, s in sides.items():
         by = collections.Counter()
         for r in s["rows"]:
             by[r["op"]] += r["ms"]
         conv = sum(by[c] for c in classes)
         rest = sum(v for k, v in by.items() if k not in classes)
-        lines.append(f"| {which} | {s['median_ms']:.1f} | " + " | ".join(f"{by[c]:.1f}" for c in classes)
+        lines.append(f"| {which} | {s['median_ms']:.1f} | {s['cpu_ms']:.1f} | " + " | ".join(f"{by[c]:.1f}" for c in classes)
                      + f" | {conv:.1f} | {rest:.1f} |")
     lines.append("")
     keys = sorted({r["shape"] for s in sides.values() for r in s["rows"] if r["op"] in classes})
