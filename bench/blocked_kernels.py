@@ -18,7 +18,13 @@ fused. This times both per ResNet-50 conv shape, in one process, interleaved rou
 * ``*_prim``: the conv primitive's own execution time from ``ONEDNN_VERBOSE`` (median),
   the kernel without the per-call weight reorder, the relu or the op's overhead.
 
+The whole net (``--whole``): ``torch.fx.experimental.optimization.optimize_for_inference``
+(stock torch's blocked path for a model: conv+BN fused, MKLDNN tensors between the convs,
+dense at the edges) against ``torch.compile(backend="fusepass")`` on ResNet-50, one
+process, interleaved rounds, with the primitives the blocked graph runs per call.
+
     python -m bench.blocked_kernels --out bench-results/blocked-kernels
+    python -m bench.blocked_kernels --whole --threads 1
 """
 from __future__ import annotations
 
@@ -93,6 +99,52 @@ def _prim(fn, calls):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def whole_net(rounds, batch):
+    """Lines: numerics, the blocked graph's primitives per call, wall and CPU medians."""
+    import copy
+
+    import torch.fx.experimental.optimization as fx_opt
+
+    from bench.models import MODELS
+    spec = MODELS["resnet50"]
+    model, (x,) = spec.build(0, "sdpa").eval(), spec.inputs(batch, 0)
+    lines = []
+    with torch.no_grad():
+        ref = model(x)
+        blocked = fx_opt.optimize_for_inference(copy.deepcopy(model))
+        fused = torch.compile(model, backend="fusepass")
+        fns = {"fusepass": lambda: fused(x), "blocked (optimize_for_inference)": lambda: blocked(x)}
+        for k, fn in fns.items():
+            for _ in range(3):
+                y = fn()
+            lines.append(f"{k}: max abs error / max |eager| = "
+                         f"{float((y - ref).abs().max() / ref.abs().max()):.1e}")
+        counts = {}
+        for ln in onednn_verbose(fns["blocked (optimize_for_inference)"], 1):
+            f = ln.split(",")
+            if len(f) > 10 and f[2] == "primitive" and f[3] == "exec":
+                src = re.search(r"(?:src|data):f32:\w*:blocked:(\w+)", f[8])
+                key = f"{f[5]} {f[6]} ({src.group(1) if src else '?'})"
+                counts[key] = counts.get(key, 0) + 1
+        lines.append("blocked graph, primitives per call: " + ", ".join(
+            f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+        res = {k: ([], []) for k in fns}
+        for r in range(rounds):
+            for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                ws, cs = [], []
+                for _ in range(4):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    fns[k]()
+                    ws.append(time.perf_counter() - t0)
+                    cs.append(time.process_time() - c0)
+                res[k][0].append(statistics.median(ws) * 1e3)
+                res[k][1].append(statistics.median(cs) * 1e3)
+    for k, (w, c) in res.items():
+        lines.append(f"{k}: wall {statistics.median(w):.1f} ms (rounds {min(w):.1f}-{max(w):.1f}), "
+                     f"process CPU {statistics.median(c):.1f} ms")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.blocked_kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,11 +153,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=0.25)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--whole", action="store_true", help="ResNet-50 whole net instead of shapes")
     p.add_argument("--only", default="", help="comma-separated substrings of shape names")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from bench.int8_kernels import cpu_flags
     cpu, flags = cpu_flags()
+    if a.whole:
+        lines = [f"ResNet-50 bs {a.batch}; CPU: {cpu}; flags: {' '.join(flags)}; torch "
+                 f"{torch.__version__}; {a.threads} threads; {a.rounds} interleaved rounds"]
+        lines += whole_net(a.rounds, a.batch)
+        print("\n".join(lines))
+        return
     rows = []
     for shape, count in SHAPES:
         if a.only and not any(o in name(*shape) for o in a.only.split(",")):
