@@ -13,6 +13,7 @@ graph unoptimized, reported as a fallback, which fails a test).
 from __future__ import annotations
 
 import torch
+from torch.fx._lazy_graph_module import _LazyGraphModule
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassResult
@@ -125,6 +126,7 @@ def run_pipeline(gm, options, report, recapture=None, stages=None):
         if cause is not None:
             raise cause from None
         raise
+    _LazyGraphModule.force_recompile(gm)  # a captured graph's code, generated once (capture.py)
     # constants stay buffers until the last stage: later passes find (and drop) them there
     return pin_constants(gm) if stages is None or STAGES[-1][0] in stages else gm
 

@@ -306,3 +306,27 @@ def test_deepcopy_of_an_optimized_graph_is_a_clear_error():
     gm = optimize(m, [torch.randn(2, 7, 32)])
     with pytest.raises(TypeError, match="deep-copy the source module"):
         copy.deepcopy(gm)
+
+
+def test_optimize_generates_each_graphs_code_once(monkeypatch):
+    """Every pass ends in ``recompile()``; the captured graph is a ``_LazyGraphModule``
+    (as Dynamo's backends get theirs), so its code is generated once, when the pipeline
+    is done, not after each pass (ResNet-50 through ``optimize``: 17 generations, ~0.5 s
+    of the compile, profiled). Counted per graph module, in ``optimize`` and its first call."""
+    calls = []
+    real = torch.fx.GraphModule.recompile
+
+    def counting(self):
+        calls.append(id(self))
+        return real(self)
+
+    m = models.build("resnet18")
+    x = models.example_input("resnet18", 1, resolution=64)
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile", counting)
+    gm = optimize(m, [x])
+    with torch.no_grad():
+        got = gm(x)
+    assert calls and max(calls.count(c) for c in calls) == 1, calls
+    assert gm.fusepass_report.counts.get("conv2d.relu", 0) >= 8, gm.fusepass_report.summary()
+    with torch.no_grad():
+        assert_close(got, m(x))
