@@ -301,7 +301,8 @@ def capture(lifted: Lifted, args: list, freeze: bool, autocast=None) -> Captured
             _swap(gm, n, fp.conv, (*n.args, None, [], []))
         elif freeze and n.op == "call_function" and n.target in _MATMUL:
             _canonical_matmul(gm, n)
-        elif n.op == "call_function" and n.target is aten.as_strided_.default:
+        elif n.op == "call_function" and n.target in (aten.as_strided_.default,
+                                                      aten.as_strided.default):
             _functional_restride(gm, n)
         elif (bn_args := batch_norm_as_native(n)) is not None:  # torch 2.8's spellings
             _swap(gm, n, aten.native_batch_norm.default, bn_args)
@@ -375,14 +376,16 @@ def _functional_restride(gm, n):
     """Decompositions (adaptive_avg_pool2d/3d to 1x1) restore a memory format with an
     in-place ``as_strided_`` that only changes the strides of size-1 dims. No element
     moves, but a convolution reads those strides to choose its layout: the functional
-    ``as_strided`` view (same size, same strides) keeps them, in the functional IR."""
+    ``as_strided`` view (same size, same strides) keeps them, in the functional IR.
+    torch 2.8's trace already spells it as that view: only marked."""
     t, size, stride = n.args[:3]
     offset = n.args[3] if len(n.args) > 3 else None
     v = t.meta["val"]
     if offset not in (None, 0) or list(size) != list(v.shape) or len(t.users) != 1:
         return
     if all(a == b for a, b, k in zip(v.stride(), stride, size) if k != 1):
-        c = _swap(gm, n, aten.as_strided.default, (t, list(size), list(stride)))
+        c = n if n.target is aten.as_strided.default else _swap(
+            gm, n, aten.as_strided.default, (t, list(size), list(stride)))
         if t.target is aten.mean.dim:  # ATen's adaptive pool to 1: channels-last if x is
             c.meta["fusepass_restride_of"] = t.args[0]
 

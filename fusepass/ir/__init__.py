@@ -123,7 +123,8 @@ _KEEPS_INPUT = {_aten.hardtanh.default}
 # operands have the result's shape, and the result keeps its tensor operand's strides)
 _NUMBER_OPERAND = {getattr(_aten, f"{op}").Tensor for op in ("add", "sub", "mul", "div")} | {
     getattr(_aten, f"{op}").Scalar for op in ("add", "sub", "mul", "div")}
-_TI_ALLOCATING = {_aten.hardswish.default}  # a TensorIterator op without the pointwise tag
+# TensorIterator ops without the pointwise tag (leaky_relu has it from torch 2.9 on, not in 2.8)
+_TI_ALLOCATING = {_aten.hardswish.default, _aten.leaky_relu.default}
 
 
 def _pointwise(target) -> bool:
