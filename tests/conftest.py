@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from fusepass.report import Report
+from tests.util import EXPECTED_DECISIONS
 
 _common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("dev", max_examples=10, **_common)
@@ -84,6 +85,13 @@ def contained_failures(seen, marker_of) -> list:
     return problems
 
 
+def not_expected(seen) -> list:
+    """``seen`` without the very Decision objects a test passed to
+    ``tests.util.expect_decisions`` (an equal decision recorded again is still watched)."""
+    expected = {id(d) for d in EXPECTED_DECISIONS}
+    return [d for d in seen if id(d) not in expected]
+
+
 @pytest.fixture(autouse=True)
 def no_silent_fallback(request, monkeypatch):
     """Fail the test when any Report recorded an ``error`` or ``fallback`` decision, or a
@@ -99,8 +107,11 @@ def no_silent_fallback(request, monkeypatch):
             seen.append(d)
 
     monkeypatch.setattr(Report, "record", watching)
+    EXPECTED_DECISIONS.clear()
     yield seen
-    problems = contained_failures(seen, request.node.get_closest_marker)
+    left = not_expected(seen)
+    EXPECTED_DECISIONS.clear()
+    problems = contained_failures(left, request.node.get_closest_marker)
     if problems:
         pytest.fail("report watch (tests/conftest.py): fusepass contained a failure this test "
                     "does not expect, or a mark is stale:\n" + "\n".join(problems),

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from fusepass.capture import capture, lift_module
 from fusepass.patterns import TABLE, binary, binary_guards
 from fusepass.rewrite import match_at
-from tests.util import NATIVE_BF16, assert_close, examples, histogram, optimize
+from tests.util import NATIVE_BF16, assert_close, examples, expect_decisions, histogram, optimize
 
 OPS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
 CONV = {"conv1d": torch.nn.Conv1d, "conv2d": torch.nn.Conv2d, "conv3d": torch.nn.Conv3d}
@@ -214,6 +214,16 @@ def test_conv_rows_numerics_vs_eager(row, data, seed):
             ["CPU lacks native bf16"] if dtype == torch.bfloat16 and not NATIVE_BF16 else [])
         assert any(w in r for r in declined(rep, row) for w in why), rep
     assert fused(rep) == want, rep.summary()
+    # with native bf16, add+relu off oneDNN's channels-last path (NCHW or grouped, seen
+    # only after propagate_layout) would hit add_relu_, which has no bf16 kernel: lowering
+    # splits the relu off the fused conv+add and says so (tests/test_inplace.py's case)
+    kept = list(rep.where(stage="lower", action="kept"))
+    if kept:
+        assert dtype == torch.bfloat16 and NATIVE_BF16 and binop == "add" and case["relu"], rep
+        assert kw["groups"] > 1 or case["layout"] == "contiguous", (kw, case["layout"], rep)
+        assert all("bf16 add+relu on a non-channels-last or grouped conv" in d.reason
+                   and "relu run(s) as ATen after the kernel" in d.reason for d in kept), rep
+        expect_decisions(kept)
     # the memory layout eager gives (strides of dims of size > 1; exact strides of size-1
     # dims of C == 1 results are tests/test_strides.py's business)
     assert [s for s, d in zip(got.stride(), got.shape) if d > 1] == \

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from fusepass.report import Decision, Report
-from tests.conftest import contained_failures
+from tests.conftest import contained_failures, not_expected
+from tests.util import expect_decisions
 
 
 def markers(**marks):
@@ -70,3 +71,17 @@ def test_every_report_is_watched(no_silent_fallback):
     teardown would fail it as a stale mark otherwise)."""
     Report().record("capture", "-", "-", "fallback", "seen by the watch")
     assert [d.reason for d in no_silent_fallback] == ["seen by the watch"]
+
+
+def test_only_the_decisions_a_test_checked_pass_the_watch(no_silent_fallback):
+    """``expect_decisions`` (for draws that lead to a watched decision on some CPUs only)
+    lets through the objects it was given, not others that read the same."""
+    rep = Report()
+    rep.record("lower", "-", "conv_3", "kept", "checked by the test")
+    rep.record("lower", "-", "conv_3", "kept", "checked by the test")
+    first, again = rep.decisions
+    assert first == again and first is not again
+    expect_decisions([first])
+    assert [d is again for d in not_expected(no_silent_fallback)] == [True]
+    expect_decisions([again])  # or this test's own teardown fails it
+    assert not_expected(no_silent_fallback) == []
