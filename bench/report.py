@@ -165,6 +165,8 @@ def markdown(data: dict) -> str:
             _fmt(r.get("background_cores_mean") if ok else None, ".2f"),
             _notes(r, idx)]) + " |")
     out += ["", *targets(results, idx)]
+    from bench import targets as issue_targets  # imports this module's helpers
+    out += issue_targets.sections(results, idx, m)
     out += ceiling_section(results, idx, m.get("peak") or {})
     out += fusepass_section(results)
     out += profile_section(results)
