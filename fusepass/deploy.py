@@ -11,13 +11,20 @@ runs on an AVX2 one with that CPU's kernels). No Dynamo, no capture, no pass but
 The file is one ``torch.save`` of a dict of plain data, read back with
 ``torch.load(weights_only=True)``:
 ``{"format": "fusepass", "version": 2, "meta": json, "graph": json, "tensors": {name:
-tensor}, "digest": sha256}``. ``graph`` is ``fusepass/serialize.py``'s schema (targets
+tensor}, "digest": "crc32:…"}`` (files written before 2026-12-04 hold a sha256 there:
+both are read). ``graph`` is ``fusepass/serialize.py``'s schema (targets
 resolved by lookup in an allowlist of op namespaces: nothing in a file is code);
 ``meta`` holds the fusepass and torch versions, the options, the input specs (shape,
 dtype, strides; every dim static), the output pytree spec and the report; ``digest``
 covers meta, graph and every tensor's bytes, so a truncated, corrupted or modified file
 is refused instead of half-read (a deliberate forger can recompute it: it guards
-against accidents; safety comes from loading data only).
+against accidents; safety comes from loading data only). Why CRC-32 and not sha256: as
+an unkeyed checksum either only catches accidents, and CRC-32 catches every burst of up
+to 32 flipped bits and anything else but one change in 2^32; sha256 cost BERT-base's
+load 0.24 s of 0.69 (438 MB), zlib's CRC-32 0.07 s (measured on Zen 5). The tensors are
+memory-mapped (``torch.load(mmap=True)``: copy-on-write, the file is never written),
+not copied: 0.05 s instead of 0.22 s for BERT's. The compile cache's *keys* stay sha256
+(``cache.py``): there a collision would serve another model's weights.
 
 The compile cache (``fusepass/cache.py``) stores the same format.
 """
@@ -28,6 +35,7 @@ import importlib.metadata
 import json
 import os
 import tempfile
+import zlib
 
 import torch
 import torch.fx as fx
@@ -88,10 +96,34 @@ def tensor_bytes(t: torch.Tensor):
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def digest_of(obj: dict) -> str:
-    """What ``digest`` holds: sha256 of format, version, meta, graph and every tensor
-    (name, spec, bytes) in name order. ResNet-50's 100 MB: ~70 ms."""
-    h = hashlib.sha256()
+class _Crc32:
+    """hashlib's update/hexdigest over zlib.crc32 (the digest's parts are chained)."""
+    def __init__(self):
+        self.value = 0
+
+    def update(self, data):
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"crc32:{self.value:08x}"
+
+
+DIGESTS = {"crc32": _Crc32, "sha256": hashlib.sha256}  # sha256: the files before crc32
+
+
+def digest_kind(digest: str) -> str | None:
+    """Which algorithm a stored digest was made with (None: not one this fusepass reads)."""
+    if digest.startswith("crc32:"):
+        return "crc32"
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return "sha256"
+    return None
+
+
+def digest_of(obj: dict, kind: str = "crc32") -> str:
+    """What ``digest`` holds: a checksum of format, version, meta, graph and every tensor
+    (name, spec, bytes) in name order; ``kind`` names the algorithm (``DIGESTS``)."""
+    h = DIGESTS[kind]()
     h.update(f"{obj['format']}\0{obj['version']}\0".encode())
     h.update(obj["meta"].encode() + b"\0" + obj["graph"].encode() + b"\0")
     for name in sorted(obj["tensors"]):
@@ -179,7 +211,7 @@ def read_graph(path, captured: dict | None = None):
     captured graph's own (``payload``'s ``external``), and they are taken from there."""
     path = os.fspath(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise
     except Exception as e:
@@ -193,8 +225,11 @@ def read_graph(path, captured: dict | None = None):
     if not (isinstance(obj.get("meta"), str) and isinstance(obj.get("graph"), str)
             and isinstance(obj.get("tensors"), dict) and isinstance(obj.get("digest"), str)):
         raise FormatError(f"{path}: malformed fusepass file (missing or mistyped entries)")
+    kind = digest_kind(obj["digest"])
+    if kind is None:
+        raise FormatError(f"{path}: unknown digest {obj['digest'][:20]!r} (neither crc32 nor sha256)")
     try:
-        ok = digest_of(obj) == obj["digest"]
+        ok = digest_of(obj, kind) == obj["digest"]
     except Exception as e:
         raise FormatError(f"{path}: malformed tensors: {type(e).__name__}: {e}") from None
     if not ok:

@@ -8,6 +8,7 @@ Subprocesses run with the suite's FUSEPASS_VERIFY=1 (inherited) and fail on any
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -20,7 +21,7 @@ import torch
 import fusepass
 from bench import zoo
 from bench.models import MODELS
-from fusepass import deploy
+from fusepass import deploy, serialize
 from fusepass.cache import SUFFIX, evict
 from tests.util import assert_close, histogram, tiny_bert
 
@@ -280,6 +281,55 @@ def test_modified_weights_fail_the_digest(saved, tmp_path):
     path = rewrite(saved[0], tmp_path / "w.fusepass", edit, redigest=False)
     with pytest.raises(fusepass.FormatError, match="digest"):
         fusepass.load(path)
+
+
+def test_a_file_with_the_earlier_sha256_digest_still_loads(saved, tmp_path):
+    """Files written before the digest became CRC-32 hold a sha256 of the same parts."""
+    path, x = saved
+    obj = torch.load(path, weights_only=True)
+    assert obj["digest"].startswith("crc32:")
+    want = fusepass.load(path)(x)
+
+    def legacy(obj):
+        obj["digest"] = hashlib.sha256(f"{obj['format']}\0{obj['version']}\0".encode()
+                                       + obj["meta"].encode() + b"\0" + obj["graph"].encode()
+                                       + b"\0" + b"".join(
+            f"{n}\0{serialize.tensor_spec(obj['tensors'][n])}\0".encode()
+            + deploy.tensor_bytes(obj["tensors"][n]).tobytes() for n in sorted(obj["tensors"]))).hexdigest()
+    old = rewrite(path, tmp_path / "sha.fusepass", legacy, redigest=False)
+    with torch.no_grad():
+        assert bitwise_equal(fusepass.load(old)(x), want)
+    bad = rewrite(old, tmp_path / "sha-bad.fusepass",
+                  lambda o: next(iter(o["tensors"].values())).view(-1).__setitem__(0, 7.0),
+                  redigest=False)
+    with pytest.raises(fusepass.FormatError, match="digest"):
+        fusepass.load(bad)
+    odd = rewrite(path, tmp_path / "odd.fusepass", lambda o: o.update(digest="md5:abc"),
+                  redigest=False)
+    with pytest.raises(fusepass.FormatError, match="unknown digest"):
+        fusepass.load(odd)
+
+
+def test_a_loaded_model_never_writes_its_file(saved, tmp_path):
+    """The tensors are memory-mapped copy-on-write: running the model, and writing into a
+    loaded constant, leave the file's bytes as they were."""
+    path, x = saved
+    copy = tmp_path / "copy.fusepass"
+    copy.write_bytes(path.read_bytes())
+    before = hashlib.sha256(copy.read_bytes()).hexdigest()
+    m = fusepass.load(copy)
+    gm = m.graph_module
+    with torch.no_grad():
+        y = m(x)
+        dense = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+        dense = [t for t in dense if isinstance(t, torch.Tensor) and t.layout == torch.strided
+                 and not t.is_mkldnn and t.is_floating_point()]
+        assert dense, "no dense constant left to write into: the test would check nothing"
+        for t in dense:
+            t.add_(1.0)
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == before
+    with torch.no_grad():
+        assert bitwise_equal(fusepass.load(copy)(x), y)
 
 
 def test_not_a_fusepass_file(tmp_path):
