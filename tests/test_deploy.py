@@ -820,5 +820,10 @@ def test_cache_across_processes_concurrent_writers_then_a_hit(tmp_path):
     warm = run_py(COMPILE_WITH_CACHE, cache, tmp_path / "y2.pt")
     assert warm["cache"] == ["cache hit"]
     assert warm["histogram"] == cold[0]["histogram"]
-    for i in range(3):
-        assert bitwise_equal(torch.load(tmp_path / f"y{i}.pt"), want)
+    # the hit gives what a compile gives, bit for bit: the processes' outputs agree; this
+    # process is compared within tolerance, since the suite may have imported IPEX here
+    # (tests/test_ipex.py, the IPEX env), which changes oneDNN's results on AVX-512 CPUs
+    # (seen on Zen 5) while the fresh processes import no IPEX
+    outs = [torch.load(tmp_path / f"y{i}.pt") for i in range(3)]
+    assert all(bitwise_equal(o, outs[0]) for o in outs[1:])
+    assert_close(outs[0], want)
