@@ -83,10 +83,10 @@ def bn_statistics(gm: fx.GraphModule, weights: dict) -> list:
     return [i for i, name in weights.items() if name in names]
 
 
-WATCH_BY_VALUE_BYTES = 1 << 20
+WATCH_BY_VALUE_BYTES = 1 << 20  # a graph-attribute buffer up to this size is compared by value
 # Variants of one graph that differ only in their weights (several instances of one module
 # class under Dynamo, which traces them into one graph): each holds its own folded copy
-MAX_WEIGHT_SETS = 4  # a graph-attribute buffer up to this size is compared by value
+MAX_WEIGHT_SETS = 4
 
 
 def _byte_view(t: torch.Tensor):

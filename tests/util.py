@@ -14,6 +14,10 @@ from fusepass.check import TOLERANCE
 # avx512bw/vl/dq or avx_ne_convert (an AVX2-only Zen 3 has neither). A test that needs
 # them asks with this mark, and says why when it skips.
 NATIVE_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+NO_NATIVE_BF16 = ("CPU lacks native bf16 (oneDNN's bf16 kernels need avx512bw/vl/dq or "
+                  "avx_ne_convert)")
+needs_native_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason=NO_NATIVE_BF16)
+
 
 # Decisions a test has checked and expects, one example at a time, where a marker (per
 # test, static) cannot say it: a hypothesis draw that leads to a watched decision only on
@@ -25,9 +29,6 @@ def expect_decisions(decisions) -> None:
     """The watch (tests/conftest.py) lets these exact Decision objects through: call it
     only after asserting what they say."""
     EXPECTED_DECISIONS.extend(decisions)
-NO_NATIVE_BF16 = ("CPU lacks native bf16 (oneDNN's bf16 kernels need avx512bw/vl/dq or "
-                  "avx_ne_convert)")
-needs_native_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason=NO_NATIVE_BF16)
 
 
 def require_native_bf16():
